@@ -1,0 +1,501 @@
+"""The :class:`Chancy` application: connection pools and the public API."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+import psycopg
+from psycopg.conninfo import make_conninfo
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
+
+from chancy import store as store_module
+from chancy.errors import (
+    ConfigurationError,
+    JobValidationError,
+    NotConnectedError,
+    QueueValidationError,
+    UnknownQueueError,
+)
+from chancy.job import FINISHED_STATES, Job, QueuedJob, Reference, validate_queue_name
+from chancy.queue import Queue
+from chancy.store import Op, PushResult, Store
+
+if TYPE_CHECKING:
+    from chancy.plugin import Plugin
+
+T = TypeVar("T")
+RefLike = Reference | str | uuid.UUID
+CORE_MIGRATIONS = "chancy.migrations.core"
+
+
+def _dsn_from(dsn: str | Mapping[str, Any]) -> str:
+    """Accept a libpq string/URL or a Django-style ``DATABASES`` entry."""
+    if isinstance(dsn, str):
+        return dsn
+    if isinstance(dsn, Mapping):
+        params: dict[str, Any] = {}
+        for key, name in (
+            ("NAME", "dbname"),
+            ("USER", "user"),
+            ("PASSWORD", "password"),
+            ("HOST", "host"),
+            ("PORT", "port"),
+        ):
+            if dsn.get(key):
+                params[name] = dsn[key]
+        params.update(dsn.get("OPTIONS") or {})
+        return make_conninfo("", **params)
+    raise ConfigurationError(f"dsn must be a string or a DATABASES-style dict, not {dsn!r}")
+
+
+class Chancy:
+    """The entry point: holds the connection pools and pushes, reads and controls jobs.
+
+    ``require_declared_queues`` (default True) makes a push to a queue that was never
+    declared raise :class:`~chancy.errors.UnknownQueueError`; set it False to allow pushing
+    ahead of the declaration.
+    """
+
+    class Executor(enum.StrEnum):
+        """Import paths of the built-in executors, usable as ``Queue(executor=...)``."""
+
+        Process = "chancy.executors.process.ProcessExecutor"
+        Threaded = "chancy.executors.thread.ThreadedExecutor"
+        Async = "chancy.executors.asyncex.AsyncExecutor"
+        SubInterpreter = "chancy.executors.sub.SubInterpreterExecutor"
+
+    def __init__(
+        self,
+        dsn: str | Mapping[str, Any],
+        *,
+        plugins: Iterable[Plugin] | None = None,
+        prefix: str = "chancy_",
+        min_connection_pool_size: int = 1,
+        max_connection_pool_size: int = 10,
+        poll_reconnect_timeout: float = 300,
+        notifications: bool = True,
+        log: logging.Logger | None = None,
+        no_default_plugins: bool = False,
+        require_declared_queues: bool = True,
+        prepare_threshold: int | None = 5,
+    ) -> None:
+        self.dsn = _dsn_from(dsn)
+        self.store = Store(prefix)
+        self.prefix = prefix
+        if not 0 <= min_connection_pool_size <= max_connection_pool_size:
+            raise ConfigurationError("need 0 <= min_connection_pool_size <= max")
+        if max_connection_pool_size < 1:
+            raise ConfigurationError("max_connection_pool_size must be >= 1")
+        self.min_connection_pool_size = min_connection_pool_size
+        self.max_connection_pool_size = max_connection_pool_size
+        self.poll_reconnect_timeout = poll_reconnect_timeout
+        self.notifications = notifications
+        self.log = log or logging.getLogger("chancy")
+        self.require_declared_queues = require_declared_queues
+        self.prepare_threshold = prepare_threshold
+        self.plugins: dict[str, Plugin] = {}
+        if not no_default_plugins:
+            from chancy.plugins import default_plugins
+
+            for plugin in default_plugins():
+                self.plugins[plugin.get_identifier()] = plugin
+        for plugin in plugins or ():
+            self.plugins[plugin.get_identifier()] = plugin
+        self._pool: AsyncConnectionPool | None = None
+        self._sync_pool: ConnectionPool | None = None
+
+    # -- pools ------------------------------------------------------------------------
+
+    def _connection_kwargs(self) -> dict[str, Any]:
+        return {"autocommit": True, "prepare_threshold": self.prepare_threshold}
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        """The async pool; opened by ``async with chancy``."""
+        if self._pool is None:
+            raise NotConnectedError("use `async with chancy:` before calling async methods")
+        return self._pool
+
+    @property
+    def sync_pool(self) -> ConnectionPool:
+        """The sync pool; opened by ``with chancy``."""
+        if self._sync_pool is None:
+            raise NotConnectedError("use `with chancy:` before calling sync_* methods")
+        return self._sync_pool
+
+    async def __aenter__(self) -> Chancy:
+        if self._pool is None:
+            pool = AsyncConnectionPool(
+                self.dsn,
+                min_size=self.min_connection_pool_size,
+                max_size=self.max_connection_pool_size,
+                kwargs=self._connection_kwargs(),
+                reconnect_timeout=self.poll_reconnect_timeout,
+                open=False,
+                name=f"{self.prefix}pool",
+            )
+            await pool.open()
+            self._pool = pool
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    def __enter__(self) -> Chancy:
+        if self._sync_pool is None:
+            pool = ConnectionPool(
+                self.dsn,
+                min_size=self.min_connection_pool_size,
+                max_size=self.max_connection_pool_size,
+                kwargs=self._connection_kwargs(),
+                reconnect_timeout=self.poll_reconnect_timeout,
+                open=False,
+                name=f"{self.prefix}sync-pool",
+            )
+            pool.open()
+            self._sync_pool = pool
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pool, self._sync_pool = self._sync_pool, None
+        if pool is not None:
+            pool.close()
+
+    async def _run(self, op: Op[T], *, transaction: bool = False) -> T:
+        async with self.pool.connection() as conn:
+            if transaction:
+                async with conn.transaction():
+                    return await store_module.arun(conn, op)
+            return await store_module.arun(conn, op)
+
+    def _sync_run(self, op: Op[T], *, transaction: bool = False) -> T:
+        with self.sync_pool.connection() as conn:
+            if transaction:
+                with conn.transaction():
+                    return store_module.run(conn, op)
+            return store_module.run(conn, op)
+
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        """Borrow an (autocommit) connection from the async pool."""
+        async with self.pool.connection() as conn:
+            yield conn
+
+    # -- migrations -------------------------------------------------------------------
+
+    def _migration_sets(self) -> list[tuple[str, str]]:
+        sets = [("core", CORE_MIGRATIONS)]
+        for plugin in self.plugins.values():
+            package = plugin.migrations_package()
+            if package:
+                sets.append((plugin.get_identifier(), package))
+        return sets
+
+    async def migrate(self, *, to_version: int | None = None) -> None:
+        """Apply pending migrations (core, then each plugin's), or move core to
+        ``to_version``. Safe to call from many processes at once."""
+        sets = self._migration_sets()
+        if to_version is not None:
+            sets = sets[:1]
+        async with self.pool.connection() as conn, conn.transaction():
+            for key, package in sets:
+                await store_module.arun(conn, self.store.migrate(key, package, to_version))
+
+    def sync_migrate(self, *, to_version: int | None = None) -> None:
+        """Sync twin of :meth:`migrate`."""
+        sets = self._migration_sets()
+        if to_version is not None:
+            sets = sets[:1]
+        with self.sync_pool.connection() as conn, conn.transaction():
+            for key, package in sets:
+                store_module.run(conn, self.store.migrate(key, package, to_version))
+
+    async def is_up_to_date(self) -> bool:
+        """True when no migration (core or plugin) is pending."""
+        for key, package in self._migration_sets():
+            current, latest = await self._run(self.store.migration_state(key, package))
+            if current < latest:
+                return False
+        return True
+
+    # -- queues -----------------------------------------------------------------------
+
+    async def declare(self, queue: Queue, *, upsert: bool = False) -> Queue:
+        """Create ``queue`` if missing (replace its settings with ``upsert``); returns the
+        queue as stored."""
+        return await self._run(self._declare_op(queue, upsert))
+
+    def sync_declare(self, queue: Queue, *, upsert: bool = False) -> Queue:
+        """Sync twin of :meth:`declare`."""
+        return self._sync_run(self._declare_op(queue, upsert))
+
+    async def declare_ex(
+        self,
+        cursor: psycopg.AsyncCursor[Any] | psycopg.AsyncConnection[Any],
+        queue: Queue,
+        *,
+        upsert: bool = False,
+    ) -> Queue:
+        """:meth:`declare` on the caller's connection or cursor, inside its transaction."""
+        return await store_module.arun(cursor, self._declare_op(queue, upsert))
+
+    def sync_declare_ex(
+        self,
+        cursor: psycopg.Cursor[Any] | psycopg.Connection[Any],
+        queue: Queue,
+        *,
+        upsert: bool = False,
+    ) -> Queue:
+        """Sync twin of :meth:`declare_ex`."""
+        return store_module.run(cursor, self._declare_op(queue, upsert))
+
+    def _declare_op(self, queue: Queue, upsert: bool) -> Op[Queue]:
+        if not isinstance(queue, Queue):
+            raise QueueValidationError(f"declare() needs a Queue, not {queue!r}")
+        return self.store.declare_queue(queue, upsert=upsert, notify=self.notifications)
+
+    async def get_queue(self, name: str) -> Queue | None:
+        """The declared queue ``name``, or None."""
+        return await self._run(self.store.get_queue(validate_queue_name(name)))
+
+    async def get_all_queues(self) -> list[Queue]:
+        """Every declared queue."""
+        return await self._run(self.store.get_queues())
+
+    async def delete_queue(self, name: str, *, purge_jobs: bool = True) -> bool:
+        """Delete a queue and (by default) its jobs; workers stop serving it."""
+        op = self.store.delete_queue(
+            validate_queue_name(name), purge_jobs=purge_jobs, notify=self.notifications
+        )
+        return await self._run(op, transaction=True)
+
+    async def pause_queue(self, name: str, *, resume_at: dt.datetime | None = None) -> Queue:
+        """Stop workers from fetching ``name``; optionally resume at ``resume_at``."""
+        if resume_at is not None and resume_at.utcoffset() is None:
+            raise QueueValidationError("resume_at must be timezone-aware")
+        return await self._set_queue_state(name, Queue.State.PAUSED, resume_at)
+
+    async def resume_queue(self, name: str) -> Queue:
+        """Let workers fetch from ``name`` again."""
+        return await self._set_queue_state(name, Queue.State.ACTIVE, None)
+
+    async def _set_queue_state(
+        self, name: str, state: Queue.State, resume_at: dt.datetime | None
+    ) -> Queue:
+        op = self.store.set_queue_state(
+            validate_queue_name(name), state, resume_at, notify=self.notifications
+        )
+        queue = await self._run(op)
+        if queue is None:
+            raise UnknownQueueError([name])
+        return queue
+
+    async def get_all_workers(self) -> list[dict[str, Any]]:
+        """Registered workers with their tags, queues, heartbeat and leadership."""
+        return await self._run(self.store.get_workers())
+
+    # -- push -------------------------------------------------------------------------
+
+    def _push_op(self, jobs: Sequence[Job]) -> Op[list[PushResult] | list[str]]:
+        for job in jobs:
+            if not isinstance(job, Job):
+                raise JobValidationError(f"push() needs Job instances, not {job!r}")
+        return self.store.push_jobs(
+            jobs, require_queues=self.require_declared_queues, notify=self.notifications
+        )
+
+    @staticmethod
+    def _check_push(result: list[PushResult] | list[str]) -> list[PushResult]:
+        if result and isinstance(result[0], str):
+            raise UnknownQueueError([str(name) for name in result])
+        return result  # type: ignore[return-value]
+
+    @staticmethod
+    def _push_args(queue_or_job: str | Job, job: Job | None) -> Job:
+        if isinstance(queue_or_job, str):
+            if not isinstance(job, Job):
+                raise JobValidationError("push(queue, job) needs a Job as its second argument")
+            return job.with_queue(queue_or_job)
+        if job is not None:
+            raise JobValidationError("push(job) takes one job; use push_many for several")
+        if not isinstance(queue_or_job, Job):
+            raise JobValidationError(f"push() needs a Job, not {queue_or_job!r}")
+        return queue_or_job
+
+    @overload
+    async def push(self, job: Job, /) -> Reference: ...
+
+    @overload
+    async def push(self, queue: str, job: Job, /) -> Reference: ...
+
+    async def push(self, queue_or_job: str | Job, job: Job | None = None, /) -> Reference:
+        """Enqueue one job (``push(job)`` or the seed form ``push("queue", job)``)."""
+        the_job = self._push_args(queue_or_job, job)
+        result = self._check_push(await self._run(self._push_op([the_job])))
+        return result[0].reference
+
+    def sync_push(self, queue_or_job: str | Job, job: Job | None = None, /) -> Reference:
+        """Sync twin of :meth:`push`."""
+        the_job = self._push_args(queue_or_job, job)
+        return self._check_push(self._sync_run(self._push_op([the_job])))[0].reference
+
+    async def push_ex(
+        self,
+        cursor: psycopg.AsyncCursor[Any] | psycopg.AsyncConnection[Any],
+        job: Job,
+        *,
+        return_result: bool = False,
+    ) -> Reference:
+        """Enqueue ``job`` on the caller's connection/cursor, inside the caller's
+        transaction: the job exists if and only if that transaction commits."""
+        result = self._check_push(await store_module.arun(cursor, self._push_op([job])))
+        return result[0].reference
+
+    def sync_push_ex(
+        self, cursor: psycopg.Cursor[Any] | psycopg.Connection[Any], job: Job
+    ) -> Reference:
+        """Sync twin of :meth:`push_ex`."""
+        return self._check_push(store_module.run(cursor, self._push_op([job])))[0].reference
+
+    async def push_detailed(self, jobs: Sequence[Job]) -> list[PushResult]:
+        """Like :meth:`push_many_ex` on a pooled connection, but tells for each job whether
+        it was inserted or deduplicated onto a live job with the same ``unique_key``."""
+        return self._check_push(await self._run(self._push_op(list(jobs))))
+
+    async def push_many(
+        self, jobs: Iterable[Job], *, batch_size: int = 1000
+    ) -> AsyncIterator[list[Reference]]:
+        """Enqueue many jobs, one statement per batch; yields each batch's references."""
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be >= 1")
+        for batch in _batches(jobs, batch_size):
+            result = self._check_push(await self._run(self._push_op(batch)))
+            yield [r.reference for r in result]
+
+    def sync_push_many(self, jobs: Iterable[Job], *, batch_size: int = 1000) -> Iterator[
+        list[Reference]
+    ]:
+        """Sync twin of :meth:`push_many`."""
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be >= 1")
+        for batch in _batches(jobs, batch_size):
+            result = self._check_push(self._sync_run(self._push_op(batch)))
+            yield [r.reference for r in result]
+
+    async def push_many_ex(
+        self,
+        cursor: psycopg.AsyncCursor[Any] | psycopg.AsyncConnection[Any],
+        jobs: Iterable[Job],
+    ) -> list[Reference]:
+        """Enqueue many jobs in one statement inside the caller's transaction."""
+        result = self._check_push(await store_module.arun(cursor, self._push_op(list(jobs))))
+        return [r.reference for r in result]
+
+    def sync_push_many_ex(
+        self, cursor: psycopg.Cursor[Any] | psycopg.Connection[Any], jobs: Iterable[Job]
+    ) -> list[Reference]:
+        """Sync twin of :meth:`push_many_ex`."""
+        result = self._check_push(store_module.run(cursor, self._push_op(list(jobs))))
+        return [r.reference for r in result]
+
+    # -- reading and controlling jobs ---------------------------------------------------
+
+    async def get_job(self, ref: RefLike) -> QueuedJob | None:
+        """The job ``ref`` as stored now, or None if it does not exist (any more)."""
+        jobs = await self._run(self.store.get_jobs([Reference(ref)]))
+        return jobs[0] if jobs else None
+
+    def sync_get_job(self, ref: RefLike) -> QueuedJob | None:
+        """Sync twin of :meth:`get_job`."""
+        jobs = self._sync_run(self.store.get_jobs([Reference(ref)]))
+        return jobs[0] if jobs else None
+
+    async def get_jobs(self, refs: Iterable[RefLike]) -> list[QueuedJob]:
+        """The stored jobs among ``refs`` (missing ones are left out)."""
+        return await self._run(self.store.get_jobs([Reference(r) for r in refs]))
+
+    def sync_get_jobs(self, refs: Iterable[RefLike]) -> list[QueuedJob]:
+        """Sync twin of :meth:`get_jobs`."""
+        return self._sync_run(self.store.get_jobs([Reference(r) for r in refs]))
+
+    async def wait_for_job(
+        self,
+        ref: RefLike,
+        *,
+        interval: float = 1,
+        timeout: float | None = None,
+        states: Iterable[QueuedJob.State | str] | None = None,
+    ) -> QueuedJob | None:
+        """Wait until the job reaches one of ``states`` (default: finished). Returns the
+        job, or None if it was deleted. Raises :class:`TimeoutError` after ``timeout``."""
+        jobs = await self.wait_for_jobs([ref], interval=interval, timeout=timeout, states=states)
+        return jobs[0] if jobs else None
+
+    async def wait_for_jobs(
+        self,
+        refs: Iterable[RefLike],
+        *,
+        interval: float = 1,
+        timeout: float | None = None,
+        states: Iterable[QueuedJob.State | str] | None = None,
+    ) -> list[QueuedJob]:
+        """Wait until every job is in ``states`` (default: finished) or deleted; returns
+        the jobs that still exist. Polls at most every ``interval`` seconds, starting fast."""
+        wanted = {QueuedJob.State(s) for s in states} if states else set(FINISHED_STATES)
+        pending = {Reference(r) for r in refs}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(0.01, interval)
+        done: dict[Reference, QueuedJob] = {}
+        while pending:
+            jobs = await self.get_jobs(pending)
+            for job in jobs:
+                if job.state in wanted:
+                    done[job.id] = job
+            pending = {j.id for j in jobs if j.id not in done}
+            if not pending:
+                break
+            if deadline is not None and time.monotonic() + delay > deadline:
+                raise TimeoutError(f"{len(pending)} job(s) did not finish in {timeout} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, interval)
+        return list(done.values())
+
+    async def cancel_job(self, ref: RefLike) -> bool:
+        """Cancel a pending or running job; a running job is interrupted by its worker
+        where the executor can. Returns False if the job was not live."""
+        previous = await self._run(
+            self.store.cancel_job(Reference(ref), notify=self.notifications)
+        )
+        return previous is not None
+
+    def sync_cancel_job(self, ref: RefLike) -> bool:
+        """Sync twin of :meth:`cancel_job`."""
+        return (
+            self._sync_run(self.store.cancel_job(Reference(ref), notify=self.notifications))
+            is not None
+        )
+
+    async def retry_job(self, ref: RefLike) -> bool:
+        """Run a finished (failed, cancelled or succeeded) job again now."""
+        return await self._run(self.store.retry_job(Reference(ref)))
+
+
+def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    batch: list[Job] = []
+    for job in jobs:
+        batch.append(job)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

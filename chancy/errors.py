@@ -1,0 +1,77 @@
+"""Every exception Chancy raises derives from :class:`ChancyError`."""
+
+from __future__ import annotations
+
+
+class ChancyError(Exception):
+    """Root of all Chancy errors; catch this to catch any of them."""
+
+
+class ConfigurationError(ChancyError, ValueError):
+    """A Chancy, Worker or plugin was constructed with invalid settings."""
+
+
+class InvalidNameError(ChancyError, ValueError):
+    """A queue name, table prefix or function path is not acceptable."""
+
+
+class JobValidationError(ChancyError, ValueError):
+    """A job field (priority, attempts, limits, scheduled_at...) is invalid."""
+
+
+class JobArgumentsError(JobValidationError, TypeError):
+    """A job's kwargs or meta cannot be encoded as JSON."""
+
+
+class QueueValidationError(ChancyError, ValueError):
+    """A queue field (concurrency, polling interval, executor...) is invalid."""
+
+
+class UnknownQueueError(ChancyError, LookupError):
+    """A job was pushed to a queue that has never been declared."""
+
+    def __init__(self, queues: list[str]) -> None:
+        self.queues = queues
+        names = ", ".join(repr(q) for q in queues)
+        super().__init__(
+            f"unknown queue {names}: declare it with Chancy.declare(Queue(...)) first, "
+            "or construct Chancy(require_declared_queues=False)"
+        )
+
+
+class MigrationsNeededError(ChancyError):
+    """The database schema is older than this version of Chancy expects."""
+
+
+class NotConnectedError(ChancyError, RuntimeError):
+    """A method that needs the connection pool was used outside ``async with chancy``."""
+
+
+class UnsupportedExecutorError(ChancyError, RuntimeError):
+    """The requested executor cannot run on this Python or platform."""
+
+
+class JobImportError(ChancyError, ImportError):
+    """A job's function could not be imported by the worker."""
+
+
+class JobTimeoutError(ChancyError, TimeoutError):
+    """A job ran past its ``Limit.Type.TIME`` limit and was stopped or abandoned."""
+
+
+class JobCancelledError(ChancyError):
+    """A running job was cancelled by ``Chancy.cancel_job`` or by worker shutdown."""
+
+
+class WorkerDiedError(ChancyError):
+    """The process running a job died before reporting an outcome."""
+
+
+class Snooze(ChancyError):  # noqa: N818 - raised by users as a control-flow signal
+    """Raise from a job to run it again after ``delay`` seconds without using an attempt."""
+
+    def __init__(self, delay: float) -> None:
+        if delay < 0:
+            raise JobValidationError("Snooze delay must be >= 0 seconds")
+        self.delay = float(delay)
+        super().__init__(f"snoozed for {self.delay} s")

@@ -1,0 +1,78 @@
+"""Run coroutine jobs as tasks in the worker's own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import traceback
+from typing import Any
+
+from chancy.executors.base import (
+    Executor,
+    Kind,
+    classify_exception,
+    interrupt_message,
+    prepare_call,
+    time_limit,
+)
+from chancy.job import QueuedJob, Reference
+
+
+class AsyncExecutor(Executor):
+    """Each job is an asyncio task; time limits and cancellation cancel the task.
+
+    Plain (non-async) functions are run in a thread so they cannot stall the loop.
+    """
+
+    default_concurrency = 100
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._tasks: dict[Reference, asyncio.Task[None]] = {}
+        self._why: dict[Reference, Kind] = {}
+
+    async def start_job(self, job: QueuedJob) -> None:
+        task = asyncio.create_task(self._run(job), name=f"chancy-job-{job.id}")
+        self._tasks[job.id] = task
+
+    async def _run(self, job: QueuedJob) -> None:
+        try:
+            func, kwargs = prepare_call(job)
+            seconds = time_limit(job)
+            async with asyncio.timeout(seconds):
+                if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+                    getattr(func, "func", None)
+                ):
+                    result = await func(**kwargs)
+                else:
+                    result = await asyncio.to_thread(func, **kwargs)
+                    if inspect.isawaitable(result):
+                        result = await result
+        except asyncio.CancelledError:
+            kind = self._why.pop(job.id, Kind.INTERRUPTED)
+            self.report(job, kind, error=interrupt_message(kind, job), meta=dict(job.meta))
+        except TimeoutError:
+            self.report(
+                job,
+                Kind.TIMEOUT,
+                error=traceback.format_exc(),
+                meta=dict(job.meta),
+            )
+        except Exception as exc:
+            kind, delay = classify_exception(exc)
+            self.report(
+                job, kind, error=traceback.format_exc(), delay=delay, meta=dict(job.meta)
+            )
+        else:
+            self.report(job, Kind.SUCCEEDED, result=result, meta=dict(job.meta))
+        finally:
+            self._tasks.pop(job.id, None)
+
+    async def interrupt(self, ref: Reference, kind: Kind) -> None:
+        task = self._tasks.get(ref)
+        if task is None:
+            return await super().interrupt(ref, kind)
+        self._why[ref] = kind
+        task.cancel()
+        return None
+

@@ -1,0 +1,298 @@
+"""Run jobs in a pool of long-lived child processes (the default executor).
+
+Each child owns a pipe to the worker and runs one job at a time; messages are JSON, never
+pickle. A child that dies (``os._exit``, a segfault, the OOM killer) fails only the job it
+was running ("worker died"), and only that child is replaced: the jobs in its siblings are
+unaffected. Time limits raise :class:`~chancy.errors.JobTimeoutError` inside the child via
+``SIGALRM``; a child that does not stop within ``kill_grace`` seconds after its deadline,
+a cancellation or a shutdown is killed. Memory limits set ``RLIMIT_AS`` for the job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import sys
+import traceback
+from types import FrameType
+from typing import Any
+
+from chancy.errors import JobCancelledError, JobTimeoutError
+from chancy.executors.base import (
+    Executor,
+    Kind,
+    classify_exception,
+    interrupt_message,
+    memory_limit,
+    prepare_call,
+    time_limit,
+)
+from chancy.job import QueuedJob, Reference
+
+CANCEL_SIGNAL = signal.SIGUSR1
+
+
+class _Child:
+    def __init__(self, process: multiprocessing.process.BaseProcess, conn: Any) -> None:
+        self.process = process
+        self.conn: multiprocessing.connection.Connection = conn
+        self.job: QueuedJob | None = None
+        self.kill_timer: asyncio.TimerHandle | None = None
+        self.pending_kind: Kind | None = None
+
+
+class ProcessExecutor(Executor):
+    """A pool of ``concurrency`` child processes (CPU count by default).
+
+    Options: ``start_method`` (``forkserver`` on Linux, else ``spawn``), ``kill_grace``
+    seconds (default 5), ``max_jobs_per_child`` (recycle a child after N jobs; default
+    never).
+    """
+
+    default_concurrency = os.cpu_count() or 2
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        method = self.options.get("start_method") or (
+            "forkserver" if sys.platform.startswith("linux") else "spawn"
+        )
+        self._context = multiprocessing.get_context(method)
+        self._kill_grace = float(self.options.get("kill_grace", 5))
+        self._max_jobs = self.options.get("max_jobs_per_child")
+        self._idle: list[_Child] = []
+        self._busy: dict[Reference, _Child] = {}
+        self._jobs_run: dict[int, int] = {}
+        self._closing = False
+
+    def _discard(self, child: _Child) -> None:
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(Exception):
+            loop.remove_reader(child.conn.fileno())
+        if child.kill_timer is not None:
+            child.kill_timer.cancel()
+        with contextlib.suppress(Exception):
+            if child.process.is_alive():
+                child.process.kill()
+        with contextlib.suppress(Exception):
+            child.conn.close()
+        if child in self._idle:
+            self._idle.remove(child)
+
+    async def start_job(self, job: QueuedJob) -> None:
+        child = self._idle.pop() if self._idle else await asyncio.to_thread(self._spawn_sync)
+        child.job = job
+        child.pending_kind = None
+        self._busy[job.id] = child
+        message = {
+            "id": job.id.identifier,
+            "func": job.func,
+            "kwargs": job.kwargs,
+            "meta": job.meta,
+            "queue": job.queue,
+            "attempts": job.attempts,
+            "max_attempts": job.max_attempts,
+            "priority": job.priority,
+            "time_limit": time_limit(job),
+            "memory_limit": memory_limit(job),
+        }
+        seconds = time_limit(job)
+        if seconds is not None:
+            # The child raises at the deadline itself; this is the backstop if it cannot.
+            loop = asyncio.get_running_loop()
+            child.kill_timer = loop.call_later(
+                seconds + self._kill_grace, self._kill, child, Kind.TIMEOUT
+            )
+        try:
+            child.conn.send_bytes(json.dumps(message, default=str).encode())
+        except OSError:
+            self._child_died(child)
+
+    def _spawn_sync(self) -> _Child:
+        # Runs in a thread so that start-up never blocks the event loop; the reader is
+        # registered back on the loop thread.
+        parent_conn, child_conn = self._context.Pipe(duplex=True)
+        process = self._context.Process(
+            target=child_main,
+            args=(child_conn, list(sys.path)),
+            name=f"chancy-{self.queue.name}",
+            daemon=True,
+        )
+        process.start()
+        child_conn.close()
+        child = _Child(process, parent_conn)
+        self._register(child)
+        return child
+
+    def _register(self, child: _Child) -> None:
+        loop = self.worker.loop
+        loop.call_soon_threadsafe(loop.add_reader, child.conn.fileno(), self._on_readable, child)
+
+    def _on_readable(self, child: _Child) -> None:
+        try:
+            data = child.conn.recv_bytes()
+        except (EOFError, OSError):
+            self._child_died(child)
+            return
+        reply = json.loads(data)
+        job = child.job
+        if job is None or reply.get("id") != job.id.identifier:
+            return
+        if child.kill_timer is not None:
+            child.kill_timer.cancel()
+            child.kill_timer = None
+        self._busy.pop(job.id, None)
+        child.job = None
+        kind = Kind(reply["kind"])
+        if kind is Kind.CANCELLED and child.pending_kind is not None:
+            kind = child.pending_kind
+        self.report(
+            job,
+            kind,
+            result=reply.get("result"),
+            error=reply.get("error"),
+            meta=reply.get("meta"),
+            delay=float(reply.get("delay") or 0),
+        )
+        self._jobs_run[child.process.pid or 0] = self._jobs_run.get(child.process.pid or 0, 0) + 1
+        recycle = self._max_jobs and self._jobs_run[child.process.pid or 0] >= self._max_jobs
+        if self._closing or recycle:
+            self._discard(child)
+        else:
+            self._idle.append(child)
+
+    def _child_died(self, child: _Child) -> None:
+        job = child.job
+        self._discard(child)
+        if job is None:
+            return
+        self._busy.pop(job.id, None)
+        child.job = None
+        kind = child.pending_kind or Kind.DIED
+        if kind is Kind.DIED:
+            code = child.process.exitcode
+            error = (
+                f"chancy.errors.WorkerDiedError: the process running {job.func} died "
+                f"(exit code {code})"
+            )
+        else:
+            error = interrupt_message(kind, job)
+        self.report(job, kind, error=error)
+
+    def _kill(self, child: _Child, kind: Kind) -> None:
+        child.pending_kind = child.pending_kind or kind
+        with contextlib.suppress(Exception):
+            child.process.kill()
+
+    async def interrupt(self, ref: Reference, kind: Kind) -> None:
+        child = self._busy.get(ref)
+        if child is None:
+            return await super().interrupt(ref, kind)
+        child.pending_kind = kind
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(child.process.pid or 0, CANCEL_SIGNAL)
+        if child.kill_timer is not None:
+            child.kill_timer.cancel()
+        loop = asyncio.get_running_loop()
+        child.kill_timer = loop.call_later(self._kill_grace, self._kill, child, kind)
+        return None
+
+    def kill_all(self) -> None:
+        """Kill every child at once (forced shutdown)."""
+        for child in [*self._busy.values(), *self._idle]:
+            with contextlib.suppress(Exception):
+                child.process.kill()
+
+    async def stop(self) -> None:
+        self._closing = True
+        for child in list(self._idle):
+            self._discard(child)
+        for child in list(self._busy.values()):
+            self._discard(child)
+
+
+# -- inside the child process ------------------------------------------------------------
+
+
+def _raise_cancelled(signum: int, frame: FrameType | None) -> None:
+    raise JobCancelledError("job interrupted by its worker")
+
+
+def _raise_timeout(signum: int, frame: FrameType | None) -> None:
+    raise JobTimeoutError("job exceeded its time limit")
+
+
+def child_main(conn: multiprocessing.connection.Connection, path: list[str]) -> None:
+    """Serve jobs sent by the worker over ``conn`` until it closes."""
+    sys.path[:] = path
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which decides
+    signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
+    resource: Any = None
+    with contextlib.suppress(ImportError):
+        import resource
+    while True:
+        try:
+            message = json.loads(conn.recv_bytes())
+        except (EOFError, OSError, KeyboardInterrupt):
+            return
+        reply = _child_run(message, resource)
+        try:
+            conn.send_bytes(json.dumps(reply).encode())
+        except (OSError, ValueError):
+            return
+
+
+def _child_run(message: dict[str, Any], resource: Any) -> dict[str, Any]:
+    job = QueuedJob(
+        id=Reference(message["id"]),
+        func=message["func"],
+        queue=message["queue"],
+        kwargs=message["kwargs"],
+        meta=message["meta"],
+        attempts=message["attempts"],
+        max_attempts=message["max_attempts"],
+        priority=message["priority"],
+        state=QueuedJob.State.RUNNING,
+    )
+    seconds = message.get("time_limit")
+    memory = message.get("memory_limit")
+    old_limit = None
+    reply: dict[str, Any] = {"id": message["id"]}
+    signal.signal(CANCEL_SIGNAL, _raise_cancelled)
+    try:
+        if memory and resource is not None:
+            old_limit = resource.getrlimit(resource.RLIMIT_AS)
+            resource.setrlimit(resource.RLIMIT_AS, (int(memory), old_limit[1]))
+        if seconds:
+            signal.signal(signal.SIGALRM, _raise_timeout)
+            signal.setitimer(signal.ITIMER_REAL, float(seconds))
+        func, kwargs = prepare_call(job)
+        result = func(**kwargs)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        reply.update(kind=Kind.SUCCEEDED.value, result=_jsonable(result))
+    except JobTimeoutError:
+        reply.update(kind=Kind.TIMEOUT.value, error=traceback.format_exc())
+    except JobCancelledError:
+        reply.update(kind=Kind.CANCELLED.value, error=traceback.format_exc())
+    except BaseException as exc:  # noqa: BLE001 - everything a job raises is its outcome
+        kind, delay = classify_exception(exc)
+        reply.update(kind=kind.value, error=traceback.format_exc(), delay=delay)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
+        if old_limit is not None:
+            resource.setrlimit(resource.RLIMIT_AS, old_limit)
+    reply["meta"] = _jsonable(dict(job.meta))
+    return reply
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value

@@ -1,0 +1,336 @@
+"""Value types describing jobs: :class:`Job`, :class:`QueuedJob`, :class:`Reference`,
+:class:`Limit` and the :func:`job` decorator. Nothing here knows SQL or the runtime."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import enum
+import functools
+import inspect
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any, Generic, ParamSpec, TypeVar, overload
+
+from chancy.errors import InvalidNameError, JobValidationError
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+#: Inclusive range accepted for :attr:`Job.priority` (the column is a ``smallint``).
+PRIORITY_MIN = -32768
+PRIORITY_MAX = 32767
+_INT32_MAX = 2**31 - 1
+
+_FUNC_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*[.:][A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
+
+
+def validate_queue_name(name: object) -> str:
+    """Return ``name`` if it is a valid queue name, else raise :class:`InvalidNameError`."""
+    if not isinstance(name, str) or not QUEUE_NAME_RE.match(name):
+        raise InvalidNameError(
+            f"invalid queue name {name!r}: use 1-100 characters from [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+_uuid_lock = threading.Lock()
+_uuid_last_ms = 0
+_uuid_seq = 0
+
+
+def uuid7() -> uuid.UUID:
+    """A time-ordered UUID (version 7); monotonic within this process."""
+    global _uuid_last_ms, _uuid_seq
+    with _uuid_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _uuid_last_ms:
+            _uuid_last_ms = ms
+            _uuid_seq = int.from_bytes(os.urandom(2)) & 0x3FF
+        else:
+            _uuid_seq += 1
+            if _uuid_seq > 0xFFF:
+                _uuid_last_ms += 1
+                _uuid_seq = 0
+        ms = _uuid_last_ms
+        seq = _uuid_seq
+    rand = int.from_bytes(os.urandom(8)) & ((1 << 62) - 1)
+    value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+    return uuid.UUID(int=value)
+
+
+class Reference:
+    """A handle on a pushed job: wraps its UUID, hashable, equal to its str or UUID."""
+
+    __slots__ = ("_id",)
+
+    def __init__(self, identifier: str | uuid.UUID | Reference) -> None:
+        if isinstance(identifier, Reference):
+            self._id: uuid.UUID = identifier._id
+        elif isinstance(identifier, uuid.UUID):
+            self._id = identifier
+        else:
+            try:
+                self._id = uuid.UUID(str(identifier))
+            except ValueError:
+                raise JobValidationError(f"not a job id: {identifier!r}") from None
+
+    @property
+    def identifier(self) -> str:
+        """The job id as a string."""
+        return str(self._id)
+
+    @property
+    def uuid(self) -> uuid.UUID:
+        """The job id as a :class:`uuid.UUID`."""
+        return self._id
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Reference):
+            return self._id == other._id
+        if isinstance(other, uuid.UUID):
+            return self._id == other
+        if isinstance(other, str):
+            try:
+                return self._id == uuid.UUID(other)
+            except ValueError:
+                return False
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(self._id)
+
+    def __str__(self) -> str:
+        return str(self._id)
+
+    def __repr__(self) -> str:
+        return f"Reference({str(self._id)!r})"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Limit:
+    """A resource limit on one job: ``TIME`` in seconds or ``MEMORY`` in bytes."""
+
+    class Type(enum.StrEnum):
+        TIME = "time"
+        MEMORY = "memory"
+
+    type: Limit.Type
+    value: int | float
+
+    def __init__(self, type: Limit.Type | str, value: int | float) -> None:  # noqa: A002
+        try:
+            kind = Limit.Type(type)
+        except ValueError:
+            raise JobValidationError(f"unknown limit type {type!r}: use time or memory") from None
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+            raise JobValidationError(f"{kind.value} limit must be a positive number, not {value!r}")
+        if kind is Limit.Type.MEMORY and not float(value).is_integer():
+            raise JobValidationError("memory limit must be a whole number of bytes")
+        object.__setattr__(self, "type", kind)
+        object.__setattr__(self, "value", int(value) if kind is Limit.Type.MEMORY else value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form stored in the jobs table."""
+        return {"type": self.type.value, "value": self.value}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Limit:
+        """Rebuild a limit from :meth:`to_dict` output."""
+        return cls(data["type"], data["value"])
+
+
+def _check_job_fields(job: Job) -> None:
+    if not isinstance(job.func, str) or not _FUNC_RE.match(job.func):
+        raise InvalidNameError(
+            f"invalid job function {job.func!r}: expected an import path like 'module.function'"
+        )
+    validate_queue_name(job.queue)
+    if isinstance(job.priority, bool) or not isinstance(job.priority, int):
+        raise JobValidationError(f"priority must be an int, not {job.priority!r}")
+    if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
+        raise JobValidationError(
+            f"priority {job.priority} out of range [{PRIORITY_MIN}, {PRIORITY_MAX}]"
+        )
+    if isinstance(job.max_attempts, bool) or not isinstance(job.max_attempts, int):
+        raise JobValidationError(f"max_attempts must be an int, not {job.max_attempts!r}")
+    if not 1 <= job.max_attempts <= _INT32_MAX:
+        raise JobValidationError(f"max_attempts must be >= 1, not {job.max_attempts}")
+    if job.scheduled_at is not None:
+        if not isinstance(job.scheduled_at, dt.datetime):
+            raise JobValidationError(f"scheduled_at must be a datetime, not {job.scheduled_at!r}")
+        if job.scheduled_at.tzinfo is None or job.scheduled_at.utcoffset() is None:
+            raise JobValidationError(
+                "scheduled_at must be timezone-aware (e.g. datetime.now(timezone.utc))"
+            )
+    if not isinstance(job.kwargs, Mapping) or not all(isinstance(k, str) for k in job.kwargs):
+        raise JobValidationError("kwargs must be a mapping with str keys")
+    if not isinstance(job.meta, Mapping) or not all(isinstance(k, str) for k in job.meta):
+        raise JobValidationError("meta must be a mapping with str keys")
+    if not all(isinstance(limit, Limit) for limit in job.limits):
+        raise JobValidationError("limits must be Limit instances")
+    if job.unique_key is not None and (
+        not isinstance(job.unique_key, str) or not 0 < len(job.unique_key) <= 1024
+    ):
+        raise JobValidationError("unique_key must be a non-empty str of at most 1024 characters")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Job:
+    """An immutable description of work to run: a function path and its keyword arguments.
+
+    ``scheduled_at=None`` means "now" by the database clock.
+    """
+
+    func: str
+    queue: str = "default"
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 1
+    scheduled_at: dt.datetime | None = None
+    limits: tuple[Limit, ...] | list[Limit] = dataclasses.field(default_factory=tuple)
+    unique_key: str | None = None
+    meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.limits, tuple):
+            object.__setattr__(self, "limits", tuple(self.limits))
+        _check_job_fields(self)
+
+    @classmethod
+    def from_func(cls, func: Callable[..., Any], **fields: Any) -> Job:
+        """Build a job for ``func`` (a module-level function) with the given fields."""
+        return cls(func=function_path(func), **fields)
+
+    def _replace(self, **changes: Any) -> Job:
+        return dataclasses.replace(self, **changes)
+
+    def with_priority(self, priority: int) -> Job:
+        """A copy with another priority (higher runs first)."""
+        return self._replace(priority=priority)
+
+    def with_max_attempts(self, max_attempts: int) -> Job:
+        """A copy allowing ``max_attempts`` runs in total."""
+        return self._replace(max_attempts=max_attempts)
+
+    def with_scheduled_at(self, scheduled_at: dt.datetime | None) -> Job:
+        """A copy that will not run before ``scheduled_at``."""
+        return self._replace(scheduled_at=scheduled_at)
+
+    def with_limits(self, limits: list[Limit] | tuple[Limit, ...]) -> Job:
+        """A copy with these resource limits."""
+        return self._replace(limits=tuple(limits))
+
+    def with_kwargs(self, **kwargs: Any) -> Job:
+        """A copy whose kwargs are updated with ``kwargs``."""
+        return self._replace(kwargs={**self.kwargs, **kwargs})
+
+    def with_unique_key(self, unique_key: str | None) -> Job:
+        """A copy that is deduplicated on ``unique_key`` while pending or running."""
+        return self._replace(unique_key=unique_key)
+
+    def with_queue(self, queue: str) -> Job:
+        """A copy that goes to another queue."""
+        return self._replace(queue=queue)
+
+    def with_meta(self, meta: Mapping[str, Any]) -> Job:
+        """A copy with its meta replaced by ``meta``."""
+        return self._replace(meta=dict(meta))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QueuedJob(Job):
+    """A job as stored in the database, with its id, state and history."""
+
+    class State(enum.StrEnum):
+        PENDING = "pending"
+        RUNNING = "running"
+        RETRYING = "retrying"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    id: Reference
+    state: QueuedJob.State = State.PENDING
+    attempts: int = 0
+    created_at: dt.datetime | None = None
+    started_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    result: Any = None
+    taken_by: str | None = None
+
+    def __post_init__(self) -> None:
+        # Rows come from the database, which already enforces the invariants.
+        if not isinstance(self.limits, tuple):
+            object.__setattr__(self, "limits", tuple(self.limits))
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the job succeeded, failed or was cancelled."""
+        return self.state in FINISHED_STATES
+
+
+FINISHED_STATES = frozenset(
+    {QueuedJob.State.SUCCEEDED, QueuedJob.State.FAILED, QueuedJob.State.CANCELLED}
+)
+
+
+def function_path(func: Callable[..., Any]) -> str:
+    """The import path (``module.qualname``) a worker uses to find ``func``."""
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not module or not qualname or "<locals>" in qualname or "<lambda>" in qualname:
+        raise InvalidNameError(f"{func!r} is not importable: use a module-level function")
+    return f"{module}.{qualname}"
+
+
+class JobFunction(Generic[P, R]):
+    """A function decorated with :func:`job`: still callable, with a ``.job`` template."""
+
+    def __init__(self, func: Callable[P, R], template: Job) -> None:
+        self.func = func
+        self.job = template
+        self._signature = inspect.signature(func)
+        functools.update_wrapper(self, func)
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.func(*args, **kwargs)
+
+    def bind(self, *args: P.args, **kwargs: P.kwargs) -> Job:
+        """The ``.job`` template with these arguments, checked against the signature."""
+        try:
+            bound = self._signature.bind_partial(*args, **kwargs)
+        except TypeError as exc:
+            raise JobValidationError(f"{self.job.func}: {exc}") from None
+        return self.job.with_kwargs(**bound.arguments)
+
+
+@overload
+def job(func: Callable[P, R], /) -> JobFunction[P, R]: ...
+
+
+@overload
+def job(**fields: Any) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+
+
+def job(
+    func: Callable[P, R] | None = None, /, **fields: Any
+) -> JobFunction[P, R] | Callable[[Callable[P, R]], JobFunction[P, R]]:
+    """Decorate a function so it carries a :class:`Job` template as ``.job``.
+
+    Use as ``@job`` or ``@job(queue="emails", max_attempts=3)``.
+    """
+
+    def decorate(fn: Callable[P, R]) -> JobFunction[P, R]:
+        return JobFunction(fn, Job.from_func(fn, **fields))
+
+    if func is not None:
+        return decorate(func)
+    return decorate

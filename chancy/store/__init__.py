@@ -1,0 +1,534 @@
+"""The store: the only layer that knows SQL.
+
+Each operation is written once as a generator that yields ``(query, params)`` and receives
+the rows; :func:`arun` drives it on an async connection and :func:`run` on a sync one, so
+the sync API is a thin twin of the async one running the same statements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import functools
+import importlib.resources
+import json
+import re
+import string
+import uuid
+from collections.abc import Generator, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from chancy.errors import InvalidNameError, JobArgumentsError
+from chancy.job import Job, Limit, QueuedJob, Reference, uuid7
+from chancy.queue import Queue
+
+T = TypeVar("T")
+Params = Mapping[str, Any]
+Statement = tuple[sql.Composable, Params | None]
+Row = dict[str, Any]
+#: A store operation: yields statements, receives each statement's rows, returns a value.
+Op = Generator[Statement, list[Row], T]
+
+PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,29}$")
+_HEADER_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+LIVE_STATES = ("pending", "running", "retrying")
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it can prefix table names, else raise :class:`InvalidNameError`."""
+    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+        raise InvalidNameError(
+            f"invalid table prefix {prefix!r}: use 1-30 of [a-z0-9_], not starting with a digit"
+        )
+    return prefix
+
+
+@functools.cache
+def _query_texts() -> dict[str, str]:
+    texts: dict[str, str] = {}
+    folder = importlib.resources.files("chancy.store") / "queries"
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if not entry.name.endswith(".sql"):
+            continue
+        parts = _HEADER_RE.split(entry.read_text())
+        for name, body in zip(parts[1::2], parts[2::2], strict=True):
+            if name in texts:
+                raise RuntimeError(f"duplicate query name {name}")
+            texts[name] = body.strip()
+    return texts
+
+
+def compose(text: str, prefix: str, **slots: sql.Composable) -> sql.Composed:
+    """Compose SQL text: ``{name}`` becomes the identifier ``prefix + name`` unless a slot
+    of that name is given. Literal braces in the text are written ``{{`` and ``}}``."""
+    names = {field for _, field, _, _ in string.Formatter().parse(text) if field}
+    args: dict[str, sql.Composable] = {
+        name: slots[name] if name in slots else sql.Identifier(prefix + name) for name in names
+    }
+    return sql.SQL(text).format(**args)  # type: ignore[arg-type]
+
+
+def dumps(value: Any, what: str) -> str:
+    """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise JobArgumentsError(f"{what} must be JSON-serialisable: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PushResult:
+    """What a push did for one job: its reference and whether it was newly inserted."""
+
+    reference: Reference
+    inserted: bool
+
+
+@dataclasses.dataclass(slots=True)
+class Outcome:
+    """How one claimed job ended, as recorded by :meth:`Store.complete_jobs`."""
+
+    job: QueuedJob
+    state: str
+    delay: float = 0.0
+    refund: bool = False
+    error: str | None = None
+    meta: Mapping[str, Any] | None = None
+    result: Any = None
+
+
+class Store:
+    """Composes every named query once for a table prefix and offers typed operations."""
+
+    def __init__(self, prefix: str = "chancy_") -> None:
+        self.prefix = validate_prefix(prefix)
+        self.channel = prefix + "events"
+        self._composed: dict[str, sql.Composed] = {}
+
+    def q(self, name: str) -> sql.Composed:
+        """The composed query ``name`` (cached)."""
+        query = self._composed.get(name)
+        if query is None:
+            query = compose(_query_texts()[name], self.prefix)
+            self._composed[name] = query
+        return query
+
+    def table(self, name: str) -> sql.Identifier:
+        """The identifier of table ``name`` under this prefix."""
+        return sql.Identifier(self.prefix + name)
+
+    # -- migrations -------------------------------------------------------------------
+
+    def migrate(self, key: str, package: str, to_version: int | None = None) -> Op[list[int]]:
+        """Bring migration set ``key`` (``.sql`` files in ``package``) to ``to_version``
+        (latest if None) in one transaction; returns the versions applied (negative = down)."""
+        steps = migration_steps(package)
+        target = max(steps, default=0) if to_version is None else to_version
+        if target < 0 or (target and target not in steps):
+            raise ValueError(f"no migration {target} for {key}")
+        yield self.q("create_versions_table"), None
+        yield self.q("lock_migrations_xact"), {"lock_name": self.prefix + "migrate"}
+        rows = yield self.q("select_version_one"), {"key": key}
+        current = rows[0]["version"] if rows else 0
+        applied: list[int] = []
+        if target > current:
+            for version in sorted(v for v in steps if current < v <= target):
+                yield compose(steps[version][0], self.prefix), None
+                applied.append(version)
+        elif target < current:
+            for version in sorted((v for v in steps if target < v <= current), reverse=True):
+                yield compose(steps[version][1], self.prefix), None
+                applied.append(-version)
+        if applied:
+            yield self.q("set_version_one"), {"key": key, "version": target}
+        return applied
+
+    def migration_state(self, key: str, package: str) -> Op[tuple[int, int]]:
+        """(current, latest) versions of migration set ``key``."""
+        latest = max(migration_steps(package), default=0)
+        rows = yield self.q("versions_table_exists"), {"table": self._qualified("versions")}
+        if not rows[0]["exists"]:
+            return 0, latest
+        rows = yield self.q("select_version_one"), {"key": key}
+        return (rows[0]["version"] if rows else 0), latest
+
+    def _qualified(self, name: str) -> str:
+        # to_regclass wants a quoted name; the prefix is validated to [a-z0-9_].
+        return f'"{self.prefix}{name}"'
+
+    # -- jobs -------------------------------------------------------------------------
+
+    def push_jobs(
+        self, jobs: Sequence[Job], *, require_queues: bool, notify: bool
+    ) -> Op[list[PushResult] | list[str]]:
+        """Insert jobs in one statement. Returns one PushResult per job, or the names of
+        unknown queues (and inserts nothing) when ``require_queues`` is set."""
+        columns: dict[str, list[Any]] = {
+            k: []
+            for k in (
+                "id",
+                "queue",
+                "func",
+                "kwargs",
+                "meta",
+                "limits",
+                "priority",
+                "max_attempts",
+                "unique_key",
+                "scheduled_at",
+            )
+        }
+        # Jobs sharing a unique key within one batch collapse onto the first of them.
+        first_with_key: dict[str, int] = {}
+        slot_of_job: list[int] = []
+        for job in jobs:
+            if job.unique_key is not None and job.unique_key in first_with_key:
+                slot_of_job.append(first_with_key[job.unique_key])
+                continue
+            if job.unique_key is not None:
+                first_with_key[job.unique_key] = len(columns["id"])
+            slot_of_job.append(len(columns["id"]))
+            columns["id"].append(uuid7())
+            columns["queue"].append(job.queue)
+            columns["func"].append(job.func)
+            columns["kwargs"].append(dumps(job.kwargs, f"kwargs of {job.func}"))
+            columns["meta"].append(dumps(job.meta, f"meta of {job.func}"))
+            columns["limits"].append(json.dumps([limit.to_dict() for limit in job.limits]))
+            columns["priority"].append(job.priority)
+            columns["max_attempts"].append(job.max_attempts)
+            columns["unique_key"].append(job.unique_key)
+            columns["scheduled_at"].append(job.scheduled_at)
+        if not jobs:
+            return []
+        params = {
+            **columns,
+            "require_queues": require_queues,
+            "notify": notify,
+            "channel": self.channel,
+        }
+        rows = yield self.q("push_jobs_many"), params
+        missing = [r["missing_queue"] for r in rows if r["missing_queue"] is not None]
+        if missing:
+            return sorted(missing)
+        by_id = {r["id"]: r for r in rows if r["id"] is not None}
+        by_key = {r["unique_key"]: r for r in by_id.values() if r["unique_key"] is not None}
+        slots: list[PushResult] = []
+        for index, job_id in enumerate(columns["id"]):
+            key = columns["unique_key"][index]
+            row = by_id.get(job_id) or (by_key.get(key) if key is not None else None)
+            if row is None:  # pragma: no cover - the statement returns a row per input row
+                raise RuntimeError("push returned no row for a job")
+            slots.append(PushResult(Reference(row["id"]), bool(row["inserted"])))
+        results = []
+        seen: set[int] = set()
+        for slot in slot_of_job:
+            result = slots[slot]
+            if slot in seen:
+                result = PushResult(result.reference, False)
+            seen.add(slot)
+            results.append(result)
+        return results
+
+    def fetch_jobs(self, queue: str, worker_id: str, limit: int) -> Op[list[QueuedJob]]:
+        """Claim up to ``limit`` due jobs of ``queue``, highest priority then oldest first."""
+        rows = yield (
+            self.q("fetch_jobs_many"),
+            {"queue": queue, "worker_id": worker_id, "limit": limit},
+        )
+        jobs = [row_to_job(r) for r in rows]
+        jobs.sort(key=lambda j: (-j.priority, j.id.uuid))
+        return jobs
+
+    def complete_jobs(self, worker_id: str, outcomes: Sequence[Outcome]) -> Op[set[Reference]]:
+        """Record outcomes in one statement; returns the jobs whose claim still held."""
+        if not outcomes:
+            return set()
+        params: dict[str, Any] = {
+            "worker_id": worker_id,
+            "id": [o.job.id.uuid for o in outcomes],
+            "attempt": [o.job.attempts for o in outcomes],
+            "state": [o.state for o in outcomes],
+            "delay": [float(o.delay) for o in outcomes],
+            "refund": [1 if o.refund else 0 for o in outcomes],
+            "error": [
+                None
+                if o.error is None
+                else json.dumps({"attempt": o.job.attempts, "traceback": o.error})
+                for o in outcomes
+            ],
+            "meta": [None if o.meta is None else _dumps_lenient(o.meta) for o in outcomes],
+            "result": [None if o.result is None else _dumps_lenient(o.result) for o in outcomes],
+        }
+        rows = yield self.q("complete_jobs_batch"), params
+        return {Reference(r["id"]) for r in rows}
+
+    def get_jobs(self, refs: Iterable[Reference | str | uuid.UUID]) -> Op[list[QueuedJob]]:
+        """The stored jobs among ``refs`` (missing ones are left out)."""
+        ids = [Reference(r).uuid for r in refs]
+        rows = yield self.q("select_jobs_many"), {"ids": ids}
+        return [row_to_job(r) for r in rows]
+
+    def job_states(self, refs: Iterable[Reference]) -> Op[dict[Reference, str]]:
+        """Current state of each job in ``refs`` that still exists."""
+        rows = yield self.q("select_job_states_many"), {"ids": [r.uuid for r in refs]}
+        return {Reference(r["id"]): r["state"] for r in rows}
+
+    def cancel_job(self, ref: Reference, *, notify: bool) -> Op[str | None]:
+        """Cancel a live job; returns the state it had, or None if it was not live."""
+        rows = yield (
+            self.q("cancel_job_one"),
+            {"id": ref.uuid, "notify": notify, "channel": self.channel},
+        )
+        return rows[0]["previous_state"] if rows else None
+
+    def retry_job(self, ref: Reference) -> Op[bool]:
+        """Put a finished job back in line; False if it was not finished."""
+        rows = yield self.q("retry_job_one"), {"id": ref.uuid}
+        return bool(rows)
+
+    def cancelled_among(self, refs: Iterable[Reference]) -> Op[set[Reference]]:
+        """Which of ``refs`` have been cancelled."""
+        rows = yield self.q("select_cancelled_among_many"), {"ids": [r.uuid for r in refs]}
+        return {Reference(r["id"]) for r in rows}
+
+    def recover_orphaned_jobs(self, limit: int = 1000) -> Op[list[tuple[Reference, str]]]:
+        """Hand back running jobs of dead workers; returns (job, new state) pairs."""
+        rows = yield self.q("recover_orphaned_jobs"), {"limit": limit}
+        return [(Reference(r["id"]), r["state"]) for r in rows]
+
+    def prune_jobs(self, rule: sql.Composable, params: Params, limit: int) -> Op[int]:
+        """Delete at most ``limit`` finished jobs matching ``rule``; returns the count."""
+        query = compose(_query_texts()["prune_jobs_many"], self.prefix, rule=rule)
+        yield query, {**params, "limit": limit}
+        return -1
+
+    # -- queues -----------------------------------------------------------------------
+
+    def declare_queue(self, queue: Queue, *, upsert: bool, notify: bool) -> Op[Queue]:
+        """Create ``queue`` (or update it with ``upsert``); returns the stored queue."""
+        rows = yield (
+            self.q("declare_queue_one"),
+            {
+                "name": queue.name,
+                "state": queue.state.value,
+                "concurrency": queue.concurrency,
+                "tags": sorted(queue.tags),
+                "executor": queue.executor,
+                "executor_options": Jsonb(dict(queue.executor_options)),
+                "polling_interval": queue.polling_interval,
+                "rate_limit": queue.rate_limit,
+                "rate_limit_window": queue.rate_limit_window,
+                "resume_at": queue.resume_at,
+                "eager_polling": queue.eager_polling,
+                "upsert": upsert,
+                "notify": notify,
+                "channel": self.channel,
+            },
+        )
+        return row_to_queue(rows[0])
+
+    def get_queue(self, name: str) -> Op[Queue | None]:
+        """The stored queue ``name``, or None."""
+        rows = yield self.q("select_queue_one"), {"name": name}
+        return row_to_queue(rows[0]) if rows else None
+
+    def get_queues(self) -> Op[list[Queue]]:
+        """Every declared queue, by name."""
+        rows = yield self.q("select_queues_all"), None
+        return [row_to_queue(r) for r in rows]
+
+    def delete_queue(self, name: str, *, purge_jobs: bool, notify: bool) -> Op[bool]:
+        """Delete a queue (and its jobs with ``purge_jobs``); False if it did not exist."""
+        rows = yield (
+            self.q("delete_queue_one"),
+            {"name": name, "notify": notify, "channel": self.channel},
+        )
+        if purge_jobs:
+            yield self.q("delete_jobs_of_queue"), {"queue": name}
+        return bool(rows)
+
+    def set_queue_state(
+        self, name: str, state: Queue.State, resume_at: dt.datetime | None, *, notify: bool
+    ) -> Op[Queue | None]:
+        """Pause or resume a queue; returns it, or None if it does not exist."""
+        rows = yield (
+            self.q("set_queue_state_one"),
+            {
+                "name": name,
+                "state": state.value,
+                "resume_at": resume_at,
+                "notify": notify,
+                "channel": self.channel,
+            },
+        )
+        return row_to_queue(rows[0]) if rows else None
+
+    def resume_due_queues(self) -> Op[list[str]]:
+        """Activate paused queues whose ``resume_at`` has passed."""
+        rows = yield self.q("resume_due_queues"), None
+        return [r["name"] for r in rows]
+
+    # -- workers and leadership -------------------------------------------------------
+
+    def heartbeat(
+        self,
+        worker_id: str,
+        *,
+        hostname: str,
+        pid: int,
+        tags: Iterable[str],
+        queues: Iterable[str],
+        timeout: float,
+    ) -> Op[None]:
+        """Register or refresh a worker, alive for ``timeout`` seconds of database time."""
+        yield (
+            self.q("upsert_worker_one"),
+            {
+                "worker_id": worker_id,
+                "hostname": hostname,
+                "pid": pid,
+                "tags": sorted(tags),
+                "queues": sorted(queues),
+                "timeout": float(timeout),
+            },
+        )
+
+    def remove_worker(self, worker_id: str) -> Op[None]:
+        """Forget a worker (on clean shutdown)."""
+        yield self.q("delete_worker_one"), {"worker_id": worker_id}
+
+    def delete_expired_workers(self, grace: float) -> Op[list[str]]:
+        """Forget workers whose heartbeat expired more than ``grace`` seconds ago."""
+        rows = yield self.q("delete_expired_workers"), {"grace": float(grace)}
+        return [r["worker_id"] for r in rows]
+
+    def get_workers(self) -> Op[list[Row]]:
+        """Every registered worker with an ``is_leader`` flag."""
+        rows = yield self.q("select_workers_all"), None
+        return rows
+
+    def acquire_lease(self, worker_id: str, timeout: float) -> Op[bool]:
+        """Take or renew the leadership lease; True if ``worker_id`` holds it now."""
+        rows = yield (
+            self.q("acquire_lease_one"),
+            {"worker_id": worker_id, "timeout": float(timeout)},
+        )
+        return bool(rows)
+
+    def release_lease(self, worker_id: str) -> Op[None]:
+        """Give up the lease if ``worker_id`` holds it."""
+        yield self.q("release_lease_one"), {"worker_id": worker_id}
+
+    def get_lease(self) -> Op[Row | None]:
+        """The lease row, with a ``valid`` flag, or None."""
+        rows = yield self.q("select_lease_one"), None
+        return rows[0] if rows else None
+
+
+def _dumps_lenient(value: Any) -> str | None:
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=str)
+    except (TypeError, ValueError):
+        return None
+
+
+def row_to_job(row: Row) -> QueuedJob:
+    """Build a :class:`QueuedJob` from a jobs row."""
+    return QueuedJob(
+        id=Reference(row["id"]),
+        queue=row["queue"],
+        func=row["func"],
+        kwargs=row["kwargs"],
+        meta=row["meta"],
+        limits=tuple(Limit.from_dict(limit) for limit in row["limits"]),
+        priority=row["priority"],
+        max_attempts=row["max_attempts"],
+        unique_key=row["unique_key"],
+        scheduled_at=row["scheduled_at"],
+        state=QueuedJob.State(row["state"]),
+        attempts=row["attempts"],
+        created_at=row["created_at"],
+        started_at=row.get("started_at"),
+        completed_at=row.get("completed_at"),
+        errors=list(row["errors"]),
+        result=row.get("result"),
+        taken_by=row.get("taken_by"),
+    )
+
+
+def row_to_queue(row: Row) -> Queue:
+    """Build a :class:`Queue` from a queues row."""
+    return Queue(
+        row["name"],
+        concurrency=row["concurrency"],
+        tags=frozenset(row["tags"]),
+        state=row["state"],
+        executor=row["executor"],
+        executor_options=row["executor_options"],
+        polling_interval=row["polling_interval"],
+        rate_limit=row["rate_limit"],
+        rate_limit_window=row["rate_limit_window"],
+        resume_at=row["resume_at"],
+        eager_polling=row["eager_polling"],
+    )
+
+
+@functools.cache
+def migration_steps(package: str) -> dict[int, tuple[str, str]]:
+    """Version -> (up SQL, down SQL) for the ``NNNN_name.{up,down}.sql`` files of a package."""
+    folder = importlib.resources.files(package)
+    ups: dict[int, str] = {}
+    downs: dict[int, str] = {}
+    for entry in folder.iterdir():
+        match = re.match(r"^(\d{4})_\w+\.(up|down)\.sql$", entry.name)
+        if match:
+            target = ups if match.group(2) == "up" else downs
+            target[int(match.group(1))] = entry.read_text()
+    if set(ups) != set(downs):
+        raise RuntimeError(f"migrations in {package} need both an up and a down file")
+    return {v: (ups[v], downs[v]) for v in ups}
+
+
+# -- drivers ----------------------------------------------------------------------------
+
+
+async def arun(
+    target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], op: Op[T]
+) -> T:
+    """Run a store operation on an async connection or cursor (in its transaction)."""
+    conn = target if isinstance(target, psycopg.AsyncConnection) else target.connection
+    async with conn.cursor(row_factory=dict_row) as cur:
+        try:
+            statement = next(op)
+            while True:
+                await cur.execute(statement[0], statement[1])
+                rows = await cur.fetchall() if cur.description is not None else []
+                statement = op.send(rows)
+        except StopIteration as stop:
+            return _rowcount_result(stop.value, cur.rowcount)
+
+
+def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
+    """Run a store operation on a sync connection or cursor (in its transaction)."""
+    conn = target if isinstance(target, psycopg.Connection) else target.connection
+    with conn.cursor(row_factory=dict_row) as cur:
+        try:
+            statement = next(op)
+            while True:
+                cur.execute(statement[0], statement[1])
+                rows = cur.fetchall() if cur.description is not None else []
+                statement = op.send(rows)
+        except StopIteration as stop:
+            return _rowcount_result(stop.value, cur.rowcount)
+
+
+def _rowcount_result(value: T, rowcount: int) -> T:
+    # Operations returning -1 ask for the last statement's row count.
+    if isinstance(value, int) and not isinstance(value, bool) and value == -1:
+        return rowcount  # type: ignore[return-value]
+    return value

@@ -1,0 +1,165 @@
+-- name: push_jobs_many
+-- One statement for any number of jobs. Nothing is inserted when a queue is unknown (the
+-- missing names come back instead); a live duplicate unique_key returns the live job's id.
+-- One NOTIFY per queue that received jobs which are already due.
+WITH missing AS (
+    SELECT DISTINCT q.name
+    FROM unnest(%(queue)s::text[]) AS q(name)
+    WHERE %(require_queues)s
+      AND NOT EXISTS (SELECT 1 FROM {queues} AS known WHERE known.name = q.name)
+), inserted AS (
+    INSERT INTO {jobs} AS j (
+        id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key, scheduled_at
+    )
+    SELECT i.id, i.queue, i.func, i.kwargs::jsonb, i.meta::jsonb, i.limits::jsonb, i.priority,
+           i.max_attempts, i.unique_key, coalesce(i.scheduled_at, now())
+    FROM unnest(
+        %(id)s::uuid[], %(queue)s::text[], %(func)s::text[], %(kwargs)s::text[],
+        %(meta)s::text[], %(limits)s::text[], %(priority)s::smallint[],
+        %(max_attempts)s::integer[], %(unique_key)s::text[], %(scheduled_at)s::timestamptz[]
+    ) AS i(id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key,
+           scheduled_at)
+    WHERE NOT EXISTS (SELECT 1 FROM missing)
+    ON CONFLICT (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('pending', 'running', 'retrying')
+        DO UPDATE SET unique_key = EXCLUDED.unique_key
+    RETURNING j.id, j.queue, j.unique_key, (j.xmax = 0) AS inserted, j.scheduled_at <= now() AS due
+), notified AS (
+    SELECT pg_notify(%(channel)s, json_build_object('e', 'pushed', 'q', d.queue)::text)
+    FROM (SELECT DISTINCT queue FROM inserted WHERE inserted AND due) AS d
+    WHERE %(notify)s
+)
+SELECT m.name AS missing_queue, NULL::uuid AS id, NULL::text AS unique_key,
+       NULL::boolean AS inserted
+FROM missing AS m
+UNION ALL
+SELECT NULL, i.id, i.unique_key, i.inserted FROM inserted AS i
+UNION ALL
+SELECT NULL, NULL, NULL, NULL FROM (SELECT count(*) AS n FROM notified) AS c WHERE c.n < 0
+
+-- name: fetch_jobs_many
+-- Claims up to %(limit)s due jobs of one queue for one worker; counts the attempt now.
+WITH picked AS (
+    SELECT id
+    FROM {jobs}
+    WHERE queue = %(queue)s
+      AND state IN ('pending', 'retrying')
+      AND scheduled_at <= now()
+    ORDER BY priority DESC, id
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE {jobs} AS j
+SET state = 'running', attempts = j.attempts + 1, taken_by = %(worker_id)s, started_at = now()
+FROM picked
+WHERE j.id = picked.id
+RETURNING j.id, j.queue, j.func, j.kwargs, j.meta, j.limits, j.priority, j.state, j.attempts,
+          j.max_attempts, j.unique_key, j.taken_by, j.errors, j.created_at, j.scheduled_at,
+          j.started_at
+
+-- name: complete_jobs_batch
+-- Records many outcomes at once. Each row is guarded by its claim (id, attempt, worker,
+-- still running): a late outcome from a worker that lost the job changes nothing.
+UPDATE {jobs} AS j
+SET state = o.state,
+    completed_at = CASE WHEN o.state IN ('succeeded', 'failed', 'cancelled') THEN now() END,
+    scheduled_at = CASE
+        WHEN o.state IN ('pending', 'retrying') THEN now() + make_interval(secs => o.delay)
+        ELSE j.scheduled_at END,
+    attempts = j.attempts - o.refund,
+    errors = CASE WHEN o.error IS NULL THEN j.errors
+                  ELSE j.errors || jsonb_build_array(o.error::jsonb) END,
+    meta = coalesce(o.meta::jsonb, j.meta),
+    result = o.result::jsonb
+FROM unnest(
+    %(id)s::uuid[], %(attempt)s::integer[], %(state)s::text[], %(delay)s::float8[],
+    %(refund)s::integer[], %(error)s::text[], %(meta)s::text[], %(result)s::text[]
+) AS o(id, attempt, state, delay, refund, error, meta, result)
+WHERE j.id = o.id
+  AND j.state = 'running'
+  AND j.attempts = o.attempt
+  AND j.taken_by = %(worker_id)s
+RETURNING j.id
+
+-- name: select_jobs_many
+SELECT id, queue, func, kwargs, meta, limits, priority, state, attempts, max_attempts,
+       unique_key, taken_by, errors, result, created_at, scheduled_at, started_at,
+       completed_at
+FROM {jobs}
+WHERE id = ANY(%(ids)s::uuid[])
+
+-- name: select_job_states_many
+SELECT id, state FROM {jobs} WHERE id = ANY(%(ids)s::uuid[])
+
+-- name: cancel_job_one
+-- Cancels a live job. A running job is also announced so that its worker interrupts it.
+WITH target AS (
+    SELECT id, state AS previous_state, taken_by
+    FROM {jobs}
+    WHERE id = %(id)s AND state IN ('pending', 'retrying', 'running')
+    FOR UPDATE
+), cancelled AS (
+    UPDATE {jobs} AS j
+    SET state = 'cancelled', completed_at = now()
+    FROM target
+    WHERE j.id = target.id
+    RETURNING j.id, target.previous_state, target.taken_by
+)
+SELECT c.id, c.previous_state, c.taken_by,
+       CASE WHEN c.previous_state = 'running' AND %(notify)s THEN
+           pg_notify(%(channel)s, json_build_object(
+               'e', 'cancel', 'j', c.id, 'w', c.taken_by)::text)::text
+       END AS notified
+FROM cancelled AS c
+
+-- name: retry_job_one
+-- Puts a finished job back in line now, allowing one more attempt than it has used.
+UPDATE {jobs}
+SET state = 'pending', scheduled_at = now(), completed_at = NULL,
+    max_attempts = greatest(max_attempts, attempts + 1)
+WHERE id = %(id)s AND state IN ('failed', 'cancelled', 'succeeded')
+RETURNING id
+
+-- name: select_cancelled_among_many
+-- Which of a worker's running jobs were cancelled (the polling fallback for NOTIFY).
+SELECT id FROM {jobs} WHERE id = ANY(%(ids)s::uuid[]) AND state = 'cancelled'
+
+-- name: recover_orphaned_jobs
+-- Jobs claimed by a worker that stopped heartbeating go back in line, or fail when the
+-- attempt they were on was their last. Locked rows are skipped (their owner is acting).
+WITH orphaned AS (
+    SELECT j.id
+    FROM {jobs} AS j
+    WHERE j.state = 'running'
+      AND NOT EXISTS (
+          SELECT 1 FROM {workers} AS w
+          WHERE w.worker_id = j.taken_by AND w.expires_at >= now()
+      )
+    ORDER BY j.id
+    LIMIT %(limit)s
+    FOR UPDATE OF j SKIP LOCKED
+)
+UPDATE {jobs} AS j
+SET state = CASE WHEN j.attempts >= j.max_attempts THEN 'failed' ELSE 'retrying' END,
+    completed_at = CASE WHEN j.attempts >= j.max_attempts THEN now() END,
+    scheduled_at = now(),
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempts,
+        'worker', j.taken_by,
+        'traceback', 'chancy.errors.WorkerDiedError: worker ' || coalesce(j.taken_by, '?')
+                     || ' stopped heartbeating while running this job'))
+FROM orphaned
+WHERE j.id = orphaned.id AND j.state = 'running'
+RETURNING j.id, j.state
+
+-- name: prune_jobs_many
+-- Deletes at most %(limit)s finished jobs matching a rule; never touches live jobs.
+DELETE FROM {jobs}
+WHERE id IN (
+    SELECT id FROM {jobs}
+    WHERE state IN ('succeeded', 'failed', 'cancelled') AND ({rule})
+    LIMIT %(limit)s
+)
+
+-- name: delete_jobs_of_queue
+DELETE FROM {jobs} WHERE queue = %(queue)s

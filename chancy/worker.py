@@ -1,0 +1,567 @@
+"""The worker: fetch → dispatch → complete, heartbeats, notifications, plugins, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+from psycopg import sql
+
+from chancy import store as store_module
+from chancy.errors import ConfigurationError, MigrationsNeededError
+from chancy.executors.base import Execution, Executor, Kind
+from chancy.hub import Hub
+from chancy.job import QueuedJob, Reference
+from chancy.queue import Queue
+from chancy.store import Op, Outcome
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from chancy.app import Chancy
+    from chancy.plugin import Plugin
+
+T = Any
+
+
+class Worker:
+    """Serves the declared queues whose tags match this worker's tags.
+
+    ``await worker.start()`` blocks until the worker stops (SIGTERM/SIGINT or
+    :meth:`stop`); ``async with Worker(chancy) as worker:`` runs it in the background for
+    the body of the block. A dead worker's jobs run again within about
+    ``heartbeat_timeout`` + the Recovery plugin's interval.
+    """
+
+    def __init__(
+        self,
+        chancy: Chancy,
+        *,
+        worker_id: str | None = None,
+        heartbeat_poll_interval: float = 10,
+        heartbeat_timeout: float = 30,
+        queue_change_poll_interval: float = 10,
+        shutdown_timeout: float = 30,
+        tags: Iterable[str] | None = None,
+        register_signal_handlers: bool = True,
+        queues: Iterable[str] | None = None,
+        concurrency: int | None = None,
+        completion_interval: float = 0.005,
+    ) -> None:
+        if heartbeat_timeout <= heartbeat_poll_interval:
+            raise ConfigurationError("heartbeat_timeout must exceed heartbeat_poll_interval")
+        for label, value in (
+            ("heartbeat_poll_interval", heartbeat_poll_interval),
+            ("queue_change_poll_interval", queue_change_poll_interval),
+            ("shutdown_timeout", shutdown_timeout + 1),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"{label} must be positive")
+        self.chancy = chancy
+        self.worker_id = worker_id or str(uuid.uuid4())
+        self.heartbeat_poll_interval = heartbeat_poll_interval
+        self.heartbeat_timeout = heartbeat_timeout
+        self.queue_change_poll_interval = queue_change_poll_interval
+        self.shutdown_timeout = shutdown_timeout
+        self.register_signal_handlers = register_signal_handlers
+        self.hostname = socket.gethostname()
+        self.tags: set[str] = {f"hostname={self.hostname}", f"worker_id={self.worker_id}"}
+        self.tags.update(tags or ())
+        self.only_queues = set(queues) if queues is not None else None
+        self.concurrency_override = concurrency
+        self.completion_interval = completion_interval
+        self.log = chancy.log
+        self.hub = Hub()
+        self.is_leader = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.executors: dict[str, Executor] = {}
+        self.queues: dict[str, Queue] = {}
+        self._retiring: set[Executor] = set()
+        self._runners: dict[str, asyncio.Task[None]] = {}
+        self._wake: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._outcomes: list[Outcome] = []
+        self._outcomes_ready = asyncio.Event()
+        self._flushed = asyncio.Event()
+        self._refresh_queues = asyncio.Event()
+        self._started = asyncio.Event()
+        self._stopped = asyncio.Event()
+        self._force = False
+        self._signals = 0
+        self._start_task: asyncio.Task[None] | None = None
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self._pending_hooks: set[asyncio.Future[None]] = set()
+        self._job_plugins: list[Plugin] = []
+        self._completion_plugins: list[Plugin] = []
+
+    # -- lifecycle --------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Serve jobs until the worker is stopped; then shut down gracefully."""
+        self.loop = asyncio.get_running_loop()
+        if not await self.chancy.is_up_to_date():
+            raise MigrationsNeededError("the database needs migrations: run chancy.migrate()")
+        self._select_plugin_hooks()
+        await self._heartbeat_once()
+        installed = self._install_signal_handlers()
+        try:
+            self._spawn("heartbeat", self._heartbeat_loop)
+            self._spawn("completions", self._completion_loop)
+            self._spawn("queues", self._queue_loop)
+            if self.chancy.notifications:
+                self._spawn("listen", self._listen_loop)
+            for plugin in self.chancy.plugins.values():
+                self._spawn(plugin.get_identifier(), self._plugin_runner(plugin))
+            await self._refresh_queues_once()
+            self._started.set()
+            self.hub.emit("worker.started", self.worker_id)
+            await self.stopping.wait()
+            await self._shutdown()
+        finally:
+            for sig in installed:
+                with contextlib.suppress(Exception):
+                    self.loop.remove_signal_handler(sig)
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self._started.set()
+            self._stopped.set()
+            self.hub.emit("worker.stopped", self.worker_id)
+
+    async def stop(self) -> None:
+        """Ask the worker to stop gracefully and wait until it has."""
+        self.stopping.set()
+        if self._start_task is not None or self._started.is_set():
+            await self._stopped.wait()
+
+    async def wait_for_shutdown(self) -> None:
+        """Wait until the worker has stopped."""
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Worker:
+        self._start_task = asyncio.create_task(self.start(), name=f"chancy-worker-{self.worker_id}")
+        started = asyncio.create_task(self._started.wait())
+        await asyncio.wait({self._start_task, started}, return_when=asyncio.FIRST_COMPLETED)
+        if self._start_task.done():
+            started.cancel()
+            self._start_task.result()  # raise start-up errors here
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stopping.set()
+        if self._start_task is not None:
+            await self._start_task
+
+    def _install_signal_handlers(self) -> list[int]:
+        if not self.register_signal_handlers or threading.current_thread() is not (
+            threading.main_thread()
+        ):
+            return []
+        installed = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.loop.add_signal_handler(sig, self._on_signal, sig)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError):
+                pass
+        return installed
+
+    def _on_signal(self, sig: int) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self.log.info("worker %s: signal %s, stopping gracefully", self.worker_id, sig)
+            self.stopping.set()
+            return
+        self.log.warning("worker %s: second signal, exiting now", self.worker_id)
+        self._force = True
+        self.stopping.set()
+        for executor in self._all_executors():
+            kill_all = getattr(executor, "kill_all", None)
+            if kill_all is not None:
+                kill_all()
+        # Running jobs are left to the Recovery plugin of another worker; exit at once.
+        self.loop.call_later(0.5, os._exit, 1)
+
+    def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        self._tasks.append(asyncio.create_task(self._supervise(name, factory), name=name))
+
+    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
+        """Run a loop forever: errors are logged and the loop restarts with back-off."""
+        delay = 0.1
+        while not self.stopping.is_set():
+            started = time.monotonic()
+            try:
+                await factory()
+                if self.stopping.is_set():
+                    return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.log.exception("worker %s: %s failed; restarting", self.worker_id, name)
+            if time.monotonic() - started > 30:
+                delay = 0.1
+            await self._sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _plugin_runner(self, plugin: Plugin) -> Callable[[], Awaitable[None]]:
+        async def run() -> None:
+            await plugin.run(self, self.chancy)
+            await self.stopping.wait()
+
+        return run
+
+    async def _sleep(self, seconds: float, wake: asyncio.Event | None = None) -> bool:
+        """Sleep, returning early (True) when stopping or when ``wake`` is set."""
+        waiters = [asyncio.ensure_future(self.stopping.wait())]
+        if wake is not None:
+            waiters.append(asyncio.ensure_future(wake.wait()))
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=seconds)
+            return bool(done)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def run_op(self, op: Op[T]) -> T:
+        """Run a store operation on a pooled connection."""
+        async with self.chancy.pool.connection() as conn:
+            return await store_module.arun(conn, op)
+
+    # -- heartbeat --------------------------------------------------------------------
+
+    async def _heartbeat_once(self) -> None:
+        await self.run_op(
+            self.chancy.store.heartbeat(
+                self.worker_id,
+                hostname=self.hostname,
+                pid=os.getpid(),
+                tags=self.tags,
+                queues=self.queues,
+                timeout=self.heartbeat_timeout,
+            )
+        )
+
+    async def _heartbeat_loop(self) -> None:
+        while not self.stopping.is_set():
+            await self._sleep(self.heartbeat_poll_interval)
+            if self.stopping.is_set():
+                return
+            await self._heartbeat_once()
+            await self._poll_cancellations()
+
+    async def _poll_cancellations(self) -> None:
+        running = {ref: ex for ex in self._all_executors() for ref in ex.running}
+        if not running:
+            return
+        cancelled = await self.run_op(self.chancy.store.cancelled_among(running))
+        for ref in cancelled:
+            await running[ref].interrupt(ref, Kind.CANCELLED)
+
+    def _all_executors(self) -> list[Executor]:
+        return [*self.executors.values(), *self._retiring]
+
+    # -- notifications ----------------------------------------------------------------
+
+    async def _listen_loop(self) -> None:
+        """LISTEN for pushes, cancellations and queue changes. Only a latency hint: every
+        loop also polls, so losing this connection loses nothing."""
+        conn = await psycopg.AsyncConnection.connect(self.chancy.dsn, autocommit=True)
+        try:
+            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.chancy.store.channel)))
+            # Anything pushed while we were not listening is picked up now.
+            for wake in self._wake.values():
+                wake.set()
+            stop_waiter = asyncio.ensure_future(self.stopping.wait())
+            try:
+                generator = conn.notifies()
+                while not self.stopping.is_set():
+                    next_notify = asyncio.ensure_future(anext(generator))
+                    done, _ = await asyncio.wait(
+                        {next_notify, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if next_notify not in done:
+                        next_notify.cancel()
+                        with contextlib.suppress(BaseException):
+                            await next_notify
+                        return
+                    self._on_notify(next_notify.result().payload)
+            finally:
+                stop_waiter.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    def _on_notify(self, payload: str) -> None:
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            return
+        kind = event.get("e")
+        if kind == "pushed":
+            wake = self._wake.get(event.get("q"))
+            if wake is not None:
+                wake.set()
+        elif kind == "cancel":
+            try:
+                ref = Reference(event.get("j"))
+            except Exception:
+                return
+            for executor in self._all_executors():
+                if ref in executor.running:
+                    asyncio.ensure_future(executor.interrupt(ref, Kind.CANCELLED))
+        elif kind == "queue":
+            self._refresh_queues.set()
+        self.hub.emit(f"notify.{kind}", event)
+
+    # -- queues -----------------------------------------------------------------------
+
+    async def _queue_loop(self) -> None:
+        while not self.stopping.is_set():
+            await self._sleep(self.queue_change_poll_interval, self._refresh_queues)
+            if self.stopping.is_set():
+                return
+            await self._refresh_queues_once()
+
+    async def _refresh_queues_once(self) -> None:
+        self._refresh_queues.clear()
+        await self.run_op(self.chancy.store.resume_due_queues())
+        declared = {q.name: q for q in await self.run_op(self.chancy.store.get_queues())}
+        wanted = {
+            name: queue
+            for name, queue in declared.items()
+            if queue.matches(self.tags)
+            and (self.only_queues is None or name in self.only_queues)
+        }
+        for name in list(self.queues):
+            if name not in wanted:
+                await self._stop_queue(name)
+        for name, queue in wanted.items():
+            current = self.queues.get(name)
+            if current is None:
+                self._start_queue(queue)
+            elif _executor_settings(current) != _executor_settings(queue):
+                await self._stop_queue(name)
+                self._start_queue(queue)
+            else:
+                self.queues[name] = queue
+                if queue.state != current.state:
+                    self._wake[name].set()
+
+    def _start_queue(self, queue: Queue) -> None:
+        try:
+            executor = self._make_executor(queue)
+        except Exception:
+            self.log.exception("worker %s: cannot serve queue %s", self.worker_id, queue.name)
+            return
+        self.queues[queue.name] = queue
+        self.executors[queue.name] = executor
+        self._wake[queue.name] = asyncio.Event()
+        self._runners[queue.name] = asyncio.create_task(
+            self._supervise(f"queue {queue.name}", lambda: self._serve(queue.name)),
+            name=f"chancy-queue-{queue.name}",
+        )
+        self.hub.emit("queue.started", queue.name)
+
+    async def _stop_queue(self, name: str) -> None:
+        runner = self._runners.pop(name, None)
+        if runner is not None:
+            runner.cancel()
+            with contextlib.suppress(BaseException):
+                await runner
+        self.queues.pop(name, None)
+        self._wake.pop(name, None)
+        executor = self.executors.pop(name, None)
+        if executor is not None:
+            # Running jobs finish in the background; the executor is then released.
+            self._retiring.add(executor)
+            asyncio.ensure_future(self._retire(executor))
+        self.hub.emit("queue.stopped", name)
+
+    async def _retire(self, executor: Executor) -> None:
+        await executor.idle.wait()
+        await executor.stop()
+        self._retiring.discard(executor)
+
+    def _make_executor(self, queue: Queue) -> Executor:
+        module_name, _, class_name = queue.executor.rpartition(".")
+        cls = getattr(importlib.import_module(module_name), class_name)
+        if not (isinstance(cls, type) and issubclass(cls, Executor)):
+            raise ConfigurationError(f"{queue.executor} is not an Executor")
+        executor: Executor = cls(
+            self, queue, self.concurrency_override, **dict(queue.executor_options)
+        )
+        return executor
+
+    async def _serve(self, name: str) -> None:
+        """The fetch loop of one queue: fetch as many jobs as there are free slots; when
+        the queue is drained, wait for a notification or the polling interval."""
+        executor = self.executors[name]
+        wake = self._wake[name]
+        while not self.stopping.is_set():
+            queue = self.queues[name]
+            if queue.state != Queue.State.ACTIVE:
+                await self._sleep(queue.polling_interval, wake)
+                wake.clear()
+                continue
+            free = executor.free_slots
+            if free <= 0:
+                executor.slot_freed.clear()
+                await self._sleep(queue.polling_interval, executor.slot_freed)
+                continue
+            wake.clear()
+            jobs = await self.run_op(self.chancy.store.fetch_jobs(name, self.worker_id, free))
+            for job in jobs:
+                await self._dispatch(executor, job)
+            if len(jobs) < free and not self.stopping.is_set():
+                await self._sleep(queue.polling_interval, wake)
+
+    async def _dispatch(self, executor: Executor, job: QueuedJob) -> None:
+        for plugin in self._job_plugins:
+            job = await plugin.on_job_starting(self, job)
+        if self.stopping.is_set() and self._force:
+            return
+        await executor.push(job)
+        self.hub.emit("job.started", job)
+
+    # -- outcomes ---------------------------------------------------------------------
+
+    def _select_plugin_hooks(self) -> None:
+        from chancy.plugin import Plugin
+
+        plugins = list(self.chancy.plugins.values())
+        self._job_plugins = [
+            p for p in plugins if type(p).on_job_starting is not Plugin.on_job_starting
+        ]
+        self._completion_plugins = [
+            p for p in plugins if type(p).on_job_completed is not Plugin.on_job_completed
+        ]
+
+    def on_execution(self, executor: Executor, execution: Execution) -> None:
+        """Called by executors when a job ends; queues its outcome for the next batch."""
+        outcome = self._outcome_for(execution)
+        if self._completion_plugins:
+            task = asyncio.ensure_future(self._apply_plugins(outcome))
+            self._pending_hooks.add(task)
+            task.add_done_callback(self._pending_hooks.discard)
+        else:
+            self._queue_outcome(outcome)
+
+    async def _apply_plugins(self, outcome: Outcome) -> None:
+        for plugin in self._completion_plugins:
+            try:
+                outcome = await plugin.on_job_completed(self, outcome)
+            except Exception:
+                self.log.exception("plugin %s failed on job completion", plugin.get_identifier())
+        self._queue_outcome(outcome)
+
+    def _queue_outcome(self, outcome: Outcome) -> None:
+        self._outcomes.append(outcome)
+        self._outcomes_ready.set()
+        self.hub.emit("job.completed", outcome)
+
+    def _outcome_for(self, execution: Execution) -> Outcome:
+        job = execution.job
+        meta = execution.meta if execution.meta != job.meta else None
+        kind = execution.kind
+        if kind is Kind.SUCCEEDED:
+            return Outcome(job, "succeeded", meta=meta, result=execution.result)
+        if kind is Kind.SNOOZED:
+            return Outcome(job, "pending", delay=execution.delay, refund=True, meta=meta)
+        if kind is Kind.INTERRUPTED:
+            # Handed back by shutdown: the attempt was not the job's fault.
+            return Outcome(job, "pending", refund=True, meta=meta)
+        if kind is Kind.CANCELLED:
+            return Outcome(job, "cancelled", error=execution.error, meta=meta)
+        state = "retrying" if job.attempts < job.max_attempts else "failed"
+        return Outcome(job, state, error=execution.error, meta=meta)
+
+    async def _completion_loop(self) -> None:
+        while True:
+            await self._outcomes_ready.wait()
+            if self.completion_interval and not self.stopping.is_set():
+                await asyncio.sleep(self.completion_interval)
+            await self.flush_outcomes()
+
+    async def flush_outcomes(self) -> None:
+        """Write every queued outcome in one statement (kept for retry on failure)."""
+        self._outcomes_ready.clear()
+        batch, self._outcomes = self._outcomes, []
+        if not batch:
+            return
+        try:
+            await self.run_op(self.chancy.store.complete_jobs(self.worker_id, batch))
+        except BaseException:
+            self._outcomes[:0] = batch
+            self._outcomes_ready.set()
+            raise
+
+    # -- shutdown ---------------------------------------------------------------------
+
+    async def _shutdown(self) -> None:
+        # Fetch loops notice `stopping` and end on their own; a fetch in flight completes
+        # so that its claimed jobs are dispatched (and handed back) rather than orphaned.
+        runners = list(self._runners.values())
+        if runners:
+            _, stuck = await asyncio.wait(runners, timeout=5)
+            for task in stuck:
+                task.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+        executors = self._all_executors()
+        idle = [asyncio.ensure_future(e.idle.wait()) for e in executors]
+        if idle:
+            _, late = await asyncio.wait(idle, timeout=self.shutdown_timeout)
+            for waiter in late:
+                waiter.cancel()
+        for executor in executors:
+            await executor.interrupt_all(Kind.INTERRUPTED)
+        # Interrupted jobs report through their executors (processes within kill_grace).
+        waiters = [asyncio.ensure_future(e.idle.wait()) for e in executors if e.running]
+        if waiters:
+            await asyncio.wait(waiters, timeout=10)
+        for executor in executors:
+            for ref, job in list(executor.running.items()):
+                executor.report(job, Kind.INTERRUPTED, error="worker shut down")
+                del ref
+        await self._flush_with_retry()
+        for plugin in self.chancy.plugins.values():
+            try:
+                await plugin.cleanup(self)
+            except Exception:
+                self.log.exception("plugin %s cleanup failed", plugin.get_identifier())
+        for executor in executors:
+            with contextlib.suppress(Exception):
+                await executor.stop()
+        with contextlib.suppress(Exception):
+            await self.run_op(self.chancy.store.remove_worker(self.worker_id))
+
+    async def _flush_with_retry(self, attempts: int = 5) -> None:
+        if self._pending_hooks:
+            await asyncio.wait(list(self._pending_hooks), timeout=5)
+        for attempt in range(attempts):
+            try:
+                await self.flush_outcomes()
+                return
+            except Exception:
+                self.log.exception("worker %s: could not record outcomes", self.worker_id)
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+
+def _executor_settings(queue: Queue) -> tuple[Any, ...]:
+    return (queue.executor, queue.concurrency, sorted(queue.executor_options.items()))
