@@ -382,9 +382,9 @@ class Chancy:
             result = self._check_push(await self._run(self._push_op(batch)))
             yield [r.reference for r in result]
 
-    def sync_push_many(self, jobs: Iterable[Job], *, batch_size: int = 1000) -> Iterator[
-        list[Reference]
-    ]:
+    def sync_push_many(
+        self, jobs: Iterable[Job], *, batch_size: int = 1000
+    ) -> Iterator[list[Reference]]:
         """Sync twin of :meth:`push_many`."""
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
@@ -473,9 +473,7 @@ class Chancy:
     async def cancel_job(self, ref: RefLike) -> bool:
         """Cancel a pending or running job; a running job is interrupted by its worker
         where the executor can. Returns False if the job was not live."""
-        previous = await self._run(
-            self.store.cancel_job(Reference(ref), notify=self.notifications)
-        )
+        previous = await self._run(self.store.cancel_job(Reference(ref), notify=self.notifications))
         return previous is not None
 
     def sync_cancel_job(self, ref: RefLike) -> bool:

@@ -67,7 +67,7 @@ class WorkerDiedError(ChancyError):
     """The process running a job died before reporting an outcome."""
 
 
-class Snooze(ChancyError):  # noqa: N818 - raised by users as a control-flow signal
+class Snooze(ChancyError):
     """Raise from a job to run it again after ``delay`` seconds without using an attempt."""
 
     def __init__(self, delay: float) -> None:

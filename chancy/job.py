@@ -124,7 +124,7 @@ class Limit:
     type: Limit.Type
     value: int | float
 
-    def __init__(self, type: Limit.Type | str, value: int | float) -> None:  # noqa: A002
+    def __init__(self, type: Limit.Type | str, value: int | float) -> None:
         try:
             kind = Limit.Type(type)
         except ValueError:

@@ -83,7 +83,7 @@ class Queue:
             not isinstance(resume_at, dt.datetime) or resume_at.utcoffset() is None
         ):
             raise QueueValidationError("resume_at must be a timezone-aware datetime")
-        values = {
+        values: dict[str, Any] = {
             "name": name,
             "concurrency": concurrency,
             "tags": tag_set,

@@ -52,16 +52,16 @@ class Field:
     def _coerce(self, value: Any) -> Any:
         return value
 
-    def __gt__(self, value: Any) -> Condition:  # type: ignore[override]
+    def __gt__(self, value: Any) -> Condition:
         return self._compare(">", value)
 
-    def __ge__(self, value: Any) -> Condition:  # type: ignore[override]
+    def __ge__(self, value: Any) -> Condition:
         return self._compare(">=", value)
 
-    def __lt__(self, value: Any) -> Condition:  # type: ignore[override]
+    def __lt__(self, value: Any) -> Condition:
         return self._compare("<", value)
 
-    def __le__(self, value: Any) -> Condition:  # type: ignore[override]
+    def __le__(self, value: Any) -> Condition:
         return self._compare("<=", value)
 
     def __eq__(self, value: Any) -> Condition:  # type: ignore[override]

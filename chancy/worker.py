@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import importlib
 import json
-import logging
 import os
 import signal
 import socket
@@ -14,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg import sql
@@ -33,7 +32,7 @@ if TYPE_CHECKING:
     from chancy.app import Chancy
     from chancy.plugin import Plugin
 
-T = Any
+T = TypeVar("T")
 
 
 class Worker:
@@ -103,6 +102,7 @@ class Worker:
         self._start_task: asyncio.Task[None] | None = None
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._pending_hooks: set[asyncio.Future[None]] = set()
+        self._meta_snapshots: dict[Reference, str] = {}
         self._job_plugins: list[Plugin] = []
         self._completion_plugins: list[Plugin] = []
 
@@ -169,7 +169,7 @@ class Worker:
         if self._start_task is not None:
             await self._start_task
 
-    def _install_signal_handlers(self) -> list[int]:
+    def _install_signal_handlers(self) -> list[signal.Signals]:
         if not self.register_signal_handlers or threading.current_thread() is not (
             threading.main_thread()
         ):
@@ -220,6 +220,11 @@ class Worker:
             await self._sleep(delay)
             delay = min(delay * 2, 5.0)
 
+    def _background(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._pending_hooks.add(task)
+        task.add_done_callback(self._pending_hooks.discard)
+
     def _plugin_runner(self, plugin: Plugin) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             await plugin.run(self, self.chancy)
@@ -233,7 +238,9 @@ class Worker:
         if wake is not None:
             waiters.append(asyncio.ensure_future(wake.wait()))
         try:
-            done, _ = await asyncio.wait(waiters, timeout=seconds)
+            done, _ = await asyncio.wait(
+                waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED
+            )
             return bool(done)
         finally:
             for waiter in waiters:
@@ -284,7 +291,9 @@ class Worker:
         loop also polls, so losing this connection loses nothing."""
         conn = await psycopg.AsyncConnection.connect(self.chancy.dsn, autocommit=True)
         try:
-            await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.chancy.store.channel)))
+            await conn.execute(
+                sql.SQL("LISTEN {}").format(sql.Identifier(self.chancy.store.channel))
+            )
             # Anything pushed while we were not listening is picked up now.
             for wake in self._wake.values():
                 wake.set()
@@ -325,7 +334,7 @@ class Worker:
                 return
             for executor in self._all_executors():
                 if ref in executor.running:
-                    asyncio.ensure_future(executor.interrupt(ref, Kind.CANCELLED))
+                    self._background(executor.interrupt(ref, Kind.CANCELLED))
         elif kind == "queue":
             self._refresh_queues.set()
         self.hub.emit(f"notify.{kind}", event)
@@ -346,8 +355,7 @@ class Worker:
         wanted = {
             name: queue
             for name, queue in declared.items()
-            if queue.matches(self.tags)
-            and (self.only_queues is None or name in self.only_queues)
+            if queue.matches(self.tags) and (self.only_queues is None or name in self.only_queues)
         }
         for name in list(self.queues):
             if name not in wanted:
@@ -391,7 +399,7 @@ class Worker:
         if executor is not None:
             # Running jobs finish in the background; the executor is then released.
             self._retiring.add(executor)
-            asyncio.ensure_future(self._retire(executor))
+            self._background(self._retire(executor))
         self.hub.emit("queue.stopped", name)
 
     async def _retire(self, executor: Executor) -> None:
@@ -437,6 +445,8 @@ class Worker:
             job = await plugin.on_job_starting(self, job)
         if self.stopping.is_set() and self._force:
             return
+        if job.meta:
+            self._meta_snapshots[job.id] = _meta_key(job.meta)
         await executor.push(job)
         self.hub.emit("job.started", job)
 
@@ -478,7 +488,12 @@ class Worker:
 
     def _outcome_for(self, execution: Execution) -> Outcome:
         job = execution.job
-        meta = execution.meta if execution.meta != job.meta else None
+        original = self._meta_snapshots.pop(job.id, None)
+        meta = execution.meta or None
+        if original is not None and meta is not None and _meta_key(meta) == original:
+            meta = None  # unchanged: nothing to write
+        elif original is not None and meta is None:
+            meta = {}
         kind = execution.kind
         if kind is Kind.SUCCEEDED:
             return Outcome(job, "succeeded", meta=meta, result=execution.result)
@@ -511,6 +526,17 @@ class Worker:
             self._outcomes[:0] = batch
             self._outcomes_ready.set()
             raise
+        # A job handed back to run again soon is fetched when due, not a poll later.
+        for outcome in batch:
+            if outcome.state in ("pending", "retrying"):
+                queue = self.queues.get(outcome.job.queue)
+                wake = self._wake.get(outcome.job.queue)
+                if (
+                    queue is not None
+                    and wake is not None
+                    and outcome.delay < queue.polling_interval
+                ):
+                    self.loop.call_later(outcome.delay, wake.set)
 
     # -- shutdown ---------------------------------------------------------------------
 
@@ -565,3 +591,7 @@ class Worker:
 
 def _executor_settings(queue: Queue) -> tuple[Any, ...]:
     return (queue.executor, queue.concurrency, sorted(queue.executor_options.items()))
+
+
+def _meta_key(meta: Any) -> str:
+    return json.dumps(meta, sort_keys=True, default=repr)

@@ -60,9 +60,7 @@ class AsyncExecutor(Executor):
             )
         except Exception as exc:
             kind, delay = classify_exception(exc)
-            self.report(
-                job, kind, error=traceback.format_exc(), delay=delay, meta=dict(job.meta)
-            )
+            self.report(job, kind, error=traceback.format_exc(), delay=delay, meta=dict(job.meta))
         else:
             self.report(job, Kind.SUCCEEDED, result=result, meta=dict(job.meta))
         finally:
@@ -75,4 +73,3 @@ class AsyncExecutor(Executor):
         self._why[ref] = kind
         task.cancel()
         return None
-

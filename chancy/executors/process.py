@@ -116,7 +116,7 @@ class ProcessExecutor(Executor):
         # Runs in a thread so that start-up never blocks the event loop; the reader is
         # registered back on the loop thread.
         parent_conn, child_conn = self._context.Pipe(duplex=True)
-        process = self._context.Process(
+        process = self._context.Process(  # type: ignore[attr-defined]
             target=child_main,
             args=(child_conn, list(sys.path)),
             name=f"chancy-{self.queue.name}",
@@ -278,7 +278,7 @@ def _child_run(message: dict[str, Any], resource: Any) -> dict[str, Any]:
         reply.update(kind=Kind.TIMEOUT.value, error=traceback.format_exc())
     except JobCancelledError:
         reply.update(kind=Kind.CANCELLED.value, error=traceback.format_exc())
-    except BaseException as exc:  # noqa: BLE001 - everything a job raises is its outcome
+    except BaseException as exc:
         kind, delay = classify_exception(exc)
         reply.update(kind=kind.value, error=traceback.format_exc(), delay=delay)
     finally:

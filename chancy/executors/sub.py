@@ -38,7 +38,9 @@ def _resolve(path):
         candidates = [(module, qualname)]
     else:
         parts = path.split(".")
-        candidates = [(".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)]
+        candidates = [
+            (".".join(parts[:i]), ".".join(parts[i:])) for i in range(len(parts) - 1, 0, -1)
+        ]
     error = None
     for module, qualname in candidates:
         try:
@@ -131,5 +133,3 @@ class SubInterpreterExecutor(ThreadedExecutor):
 
 class SubInterpreterJobError(Exception):
     """A job failed inside a sub-interpreter; the message is its traceback there."""
-
-

@@ -14,6 +14,7 @@ import importlib.resources
 import json
 import re
 import string
+import typing
 import uuid
 from collections.abc import Generator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -29,7 +30,7 @@ from chancy.queue import Queue
 
 T = TypeVar("T")
 Params = Mapping[str, Any]
-Statement = tuple[sql.Composable, Params | None]
+Statement = tuple[sql.Composed | sql.SQL, Params | None]
 Row = dict[str, Any]
 #: A store operation: yields statements, receives each statement's rows, returns a value.
 Op = Generator[Statement, list[Row], T]
@@ -70,7 +71,7 @@ def compose(text: str, prefix: str, **slots: sql.Composable) -> sql.Composed:
     args: dict[str, sql.Composable] = {
         name: slots[name] if name in slots else sql.Identifier(prefix + name) for name in names
     }
-    return sql.SQL(text).format(**args)  # type: ignore[arg-type]
+    return sql.SQL(text).format(**args)
 
 
 def dumps(value: Any, what: str) -> str:
@@ -131,8 +132,8 @@ class Store:
         target = max(steps, default=0) if to_version is None else to_version
         if target < 0 or (target and target not in steps):
             raise ValueError(f"no migration {target} for {key}")
-        yield self.q("create_versions_table"), None
         yield self.q("lock_migrations_xact"), {"lock_name": self.prefix + "migrate"}
+        yield self.q("create_versions_table"), None
         rows = yield self.q("select_version_one"), {"key": key}
         current = rows[0]["version"] if rows else 0
         applied: list[int] = []
@@ -304,8 +305,8 @@ class Store:
     def prune_jobs(self, rule: sql.Composable, params: Params, limit: int) -> Op[int]:
         """Delete at most ``limit`` finished jobs matching ``rule``; returns the count."""
         query = compose(_query_texts()["prune_jobs_many"], self.prefix, rule=rule)
-        yield query, {**params, "limit": limit}
-        return -1
+        rows = yield query, {**params, "limit": limit}
+        return len(rows)
 
     # -- queues -----------------------------------------------------------------------
 
@@ -497,9 +498,7 @@ def migration_steps(package: str) -> dict[int, tuple[str, str]]:
 # -- drivers ----------------------------------------------------------------------------
 
 
-async def arun(
-    target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], op: Op[T]
-) -> T:
+async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], op: Op[T]) -> T:
     """Run a store operation on an async connection or cursor (in its transaction)."""
     conn = target if isinstance(target, psycopg.AsyncConnection) else target.connection
     async with conn.cursor(row_factory=dict_row) as cur:
@@ -510,7 +509,7 @@ async def arun(
                 rows = await cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
-            return _rowcount_result(stop.value, cur.rowcount)
+            return typing.cast(T, stop.value)
 
 
 def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
@@ -524,11 +523,4 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
                 rows = cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
-            return _rowcount_result(stop.value, cur.rowcount)
-
-
-def _rowcount_result(value: T, rowcount: int) -> T:
-    # Operations returning -1 ask for the last statement's row count.
-    if isinstance(value, int) and not isinstance(value, bool) and value == -1:
-        return rowcount  # type: ignore[return-value]
-    return value
+            return typing.cast(T, stop.value)

@@ -160,6 +160,7 @@ WHERE id IN (
     WHERE state IN ('succeeded', 'failed', 'cancelled') AND ({rule})
     LIMIT %(limit)s
 )
+RETURNING id
 
 -- name: delete_jobs_of_queue
 DELETE FROM {jobs} WHERE queue = %(queue)s
