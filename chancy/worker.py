@@ -441,12 +441,12 @@ class Worker:
                 await self._sleep(queue.polling_interval, wake)
 
     async def _dispatch(self, executor: Executor, job: QueuedJob) -> None:
+        if job.meta:
+            self._meta_snapshots[job.id] = _meta_key(job.meta)
         for plugin in self._job_plugins:
             job = await plugin.on_job_starting(self, job)
         if self.stopping.is_set() and self._force:
             return
-        if job.meta:
-            self._meta_snapshots[job.id] = _meta_key(job.meta)
         await executor.push(job)
         self.hub.emit("job.started", job)
 
