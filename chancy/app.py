@@ -353,8 +353,6 @@ class Chancy:
         self,
         cursor: psycopg.AsyncCursor[Any] | psycopg.AsyncConnection[Any],
         job: Job,
-        *,
-        return_result: bool = False,
     ) -> Reference:
         """Enqueue ``job`` on the caller's connection/cursor, inside the caller's
         transaction: the job exists if and only if that transaction commits."""

@@ -374,3 +374,41 @@ async def test_unsupported_executor_leaves_other_queues_running(chancy: Chancy) 
 
 def test_reference_type() -> None:
     assert Reference("018f0000-0000-7000-8000-000000000000")
+
+
+async def test_start_blocks_until_stop(chancy: Chancy) -> None:
+    worker = Worker(chancy, register_signal_handlers=False)
+    running = asyncio.ensure_future(worker.start())
+    started = asyncio.ensure_future(worker.hub.wait_for("worker.started", timeout=10))
+    await started
+    assert not running.done()
+    await worker.stop()
+    await asyncio.wait_for(worker.wait_for_shutdown(), 5)
+    await asyncio.wait_for(running, 5)
+    assert await chancy.get_all_workers() == []
+
+
+async def test_retry_job_and_queue_listing(chancy: Chancy) -> None:
+    await chancy.declare(Queue("q", executor=Chancy.Executor.Async))
+    await chancy.declare(Queue("b"))
+    assert [q.name for q in await chancy.get_all_queues()] == ["b", "q"]
+    async with serving(chancy):
+        ref = await chancy.push(Job(func="tests.jobs.fail", queue="q"))
+        failed = await chancy.wait_for_job(ref, timeout=10)
+        assert failed is not None and failed.state == "failed" and failed.attempts == 1
+        pending = await chancy.push(Job(func="tests.jobs.noop", queue="b"))
+        assert not await chancy.retry_job(pending)  # not finished: nothing to retry
+        assert await chancy.retry_job(ref)
+        again = await chancy.wait_for_job(ref, timeout=10)
+    assert again is not None and again.state == "failed" and again.attempts == 2
+    assert again.max_attempts == 2 and len(again.errors) == 2
+
+
+def test_sync_cancel(chancy: Chancy) -> None:
+    with chancy:
+        chancy.sync_declare(Queue("s"))
+        ref = chancy.sync_push(Job(func="tests.jobs.noop", queue="s"))
+        assert chancy.sync_cancel_job(ref)
+        assert not chancy.sync_cancel_job(ref)
+        job = chancy.sync_get_job(ref)
+    assert job is not None and job.state == "cancelled" and job.completed_at is not None
