@@ -103,6 +103,8 @@ class Worker:
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self._pending_hooks: set[asyncio.Future[None]] = set()
         self._meta_snapshots: dict[Reference, str] = {}
+        # Jobs fetched by this worker whose outcome is not yet written.
+        self._claimed: set[Reference] = set()
         self._job_plugins: list[Plugin] = []
         self._completion_plugins: list[Plugin] = []
 
@@ -272,6 +274,7 @@ class Worker:
                 return
             await self._heartbeat_once()
             await self._poll_cancellations()
+            await self._reconcile_claims()
 
     async def _poll_cancellations(self) -> None:
         running = {ref: ex for ex in self._all_executors() for ref in ex.running}
@@ -280,6 +283,32 @@ class Worker:
         cancelled = await self.run_op(self.chancy.store.cancelled_among(running))
         for ref in cancelled:
             await running[ref].interrupt(ref, Kind.CANCELLED)
+
+    async def _reconcile_claims(self) -> None:
+        """Hand back jobs the database says we run but we do not know of: their claim
+        committed but the fetch's answer was lost (a dropped connection). Without this
+        they would stay ``running`` for as long as this worker heartbeats."""
+        age = max(2 * self.heartbeat_poll_interval, 1.0)
+        claimed = await self.run_op(self.chancy.store.running_of_worker(self.worker_id, age))
+        lost = {ref: attempts for ref, attempts in claimed.items() if ref not in self._claimed}
+        if not lost:
+            return
+        found = await self.run_op(self.chancy.store.get_jobs(lost))
+        outcomes = [
+            Outcome(
+                job,
+                "retrying",
+                refund=True,
+                error="chancy.errors.ChancyError: claim lost before the job started; handed back",
+            )
+            for job in found
+            if job.attempts == lost[job.id] and job.id not in self._claimed
+        ]
+        if outcomes:
+            self.log.warning(
+                "worker %s: handing back %d lost claim(s)", self.worker_id, len(outcomes)
+            )
+            await self.run_op(self.chancy.store.complete_jobs(self.worker_id, outcomes))
 
     def _all_executors(self) -> list[Executor]:
         return [*self.executors.values(), *self._retiring]
@@ -436,6 +465,8 @@ class Worker:
             wake.clear()
             jobs = await self.run_op(self.chancy.store.fetch_jobs(name, self.worker_id, free))
             for job in jobs:
+                self._claimed.add(job.id)
+            for job in jobs:
                 await self._dispatch(executor, job)
             if len(jobs) < free and not self.stopping.is_set():
                 await self._sleep(queue.polling_interval, wake)
@@ -526,6 +557,8 @@ class Worker:
             self._outcomes[:0] = batch
             self._outcomes_ready.set()
             raise
+        for outcome in batch:
+            self._claimed.discard(outcome.job.id)
         # A job handed back to run again soon is fetched when due, not a poll later.
         for outcome in batch:
             if outcome.state in ("pending", "retrying"):

@@ -412,3 +412,26 @@ def test_sync_cancel(chancy: Chancy) -> None:
         assert not chancy.sync_cancel_job(ref)
         job = chancy.sync_get_job(ref)
     assert job is not None and job.state == "cancelled" and job.completed_at is not None
+
+
+async def test_lost_claims_are_handed_back(chancy: Chancy) -> None:
+    """A claim that committed although the worker never saw the fetch's answer (its
+    connection dropped) must not stay 'running' while the worker lives."""
+    await chancy.declare(Queue("q", executor=Chancy.Executor.Async, polling_interval=0.1))
+    async with serving(chancy, worker_id="me"):
+        ref = await chancy.push(
+            Job(
+                func="tests.jobs.noop",
+                queue="q",
+                scheduled_at=await db_now(chancy) + dt.timedelta(hours=1),
+            )
+        )
+        async with chancy.pool.connection() as conn:
+            await conn.execute(
+                "UPDATE chancy_jobs SET state = 'running', attempts = 1, taken_by = 'me', "
+                "started_at = now() - interval '1 minute', scheduled_at = now() WHERE id = %s",
+                (ref.uuid,),
+            )
+        job = await chancy.wait_for_job(ref, timeout=10)
+    assert job is not None and job.state == "succeeded" and job.attempts == 1
+    assert "claim lost" in job.errors[0]["traceback"]

@@ -297,6 +297,14 @@ class Store:
         rows = yield self.q("select_cancelled_among_many"), {"ids": [r.uuid for r in refs]}
         return {Reference(r["id"]) for r in rows}
 
+    def running_of_worker(self, worker_id: str, age: float) -> Op[dict[Reference, int]]:
+        """Jobs claimed by ``worker_id`` at least ``age`` seconds ago, with their attempt."""
+        rows = yield (
+            self.q("select_running_of_worker"),
+            {"worker_id": worker_id, "age": float(age)},
+        )
+        return {Reference(r["id"]): r["attempts"] for r in rows}
+
     def recover_orphaned_jobs(self, limit: int = 1000) -> Op[list[tuple[Reference, str]]]:
         """Hand back running jobs of dead workers; returns (job, new state) pairs."""
         rows = yield self.q("recover_orphaned_jobs"), {"limit": limit}

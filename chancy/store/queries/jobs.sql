@@ -164,3 +164,11 @@ RETURNING id
 
 -- name: delete_jobs_of_queue
 DELETE FROM {jobs} WHERE queue = %(queue)s
+
+-- name: select_running_of_worker
+-- Jobs the database thinks a worker is running, claimed more than %(age)s seconds ago.
+SELECT id, attempts
+FROM {jobs}
+WHERE state = 'running'
+  AND taken_by = %(worker_id)s
+  AND started_at < now() - make_interval(secs => %(age)s)
