@@ -12,6 +12,7 @@ default directory for root is under ``/var/lib`` rather than in ``/root``.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from collections.abc import Iterator
@@ -68,10 +69,42 @@ def start_embedded_postgres(
     pgserver = _import_pgserver()
     path = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
     path.parent.mkdir(parents=True, exist_ok=True)
+    lock = getattr(pgserver.PostgresServer, "_lock", None) or contextlib.nullcontext()
+    with lock:
+        _forget_dead_handles(path.resolve())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
         server: EmbeddedServer = pgserver.get_server(str(path.resolve()), cleanup_mode="stop")
     return server.get_uri(), server
+
+
+def _forget_dead_handles(path: Path) -> None:
+    """Drop processes that died without letting go of the server (kill -9, SIGTERM).
+
+    pgserver stops the server when the last process holding a handle lets go; it keeps
+    their pids in ``.handle_pids.json``. A dead pid left there would keep the server
+    running after every later demo.
+    """
+    handles = path / ".handle_pids.json"
+    try:
+        pids = json.loads(handles.read_text())
+    except (OSError, ValueError):
+        return
+    if not isinstance(pids, list):
+        return
+    alive = [pid for pid in pids if isinstance(pid, int) and _is_alive(pid)]
+    if alive != pids:
+        handles.write_text(json.dumps(alive))
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -329,3 +329,11 @@ def test_worker_start_runs_jobs_and_stops_on_sigterm(
     assert "worker cli-w1 serving work" in err
     assert "worker cli-w1 stopped" in err
     assert "Traceback" not in err
+
+
+def test_demo_uses_the_app(cli: Invoke) -> None:
+    result = cli("demo", "--jobs", "5", "--queue", "app-demo")
+    assert "Ran 5 jobs on queue 'app-demo'" in result.stdout
+    assert "succeeded   5" in result.stdout
+    assert "embedded" not in result.stderr
+    assert "app-demo" in cli("queue", "list").stdout

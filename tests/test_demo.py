@@ -49,6 +49,14 @@ def test_demo_on_a_given_dsn(dsn: str, executor: str) -> None:
     assert "Pushing" in result.stderr and "Running" in result.stderr
 
 
+def test_demo_options_come_from_the_environment(dsn: str) -> None:
+    env = {"CHANCY_DEMO_DSN": dsn, "CHANCY_DEMO_JOBS": "7", "CHANCY_DEMO_QUEUE": "from-env"}
+    result = CliRunner().invoke(main, ["demo"], env=env)
+    assert result.exit_code == 0, (result.output, result.exception)
+    numbers = summary(result.stdout)
+    assert (numbers["jobs"], numbers["queue"], numbers["succeeded"]) == ("7", "from-env", "7")
+
+
 def test_demo_reports_failures_and_leaves_its_queue(dsn: str) -> None:
     args = ["demo", "--dsn", dsn, "--jobs", "20", "--fail-every", "5", "--queue", "show"]
     result = CliRunner().invoke(main, args)

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import math
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +40,7 @@ class DemoSettings:
     concurrency: int
     fail_every: int
     timeout: float
+    fresh_queue: bool = False
 
     def should_fail(self, n: int) -> bool:
         """True for the jobs that fail on purpose (every ``fail_every``-th one)."""
@@ -92,6 +97,10 @@ async def run_demo(chancy: Chancy, settings: DemoSettings) -> DemoResult:
     await check_connection(chancy)
     async with chancy:
         await chancy.migrate()
+        if settings.fresh_queue:
+            # Only in the demo's own database: jobs left by an interrupted run would skew
+            # the numbers. A queue of that name elsewhere may be someone's real queue.
+            await chancy.delete_queue(settings.queue)
         executor, _ = _EXECUTORS[settings.executor]
         await chancy.declare(
             Queue(
@@ -159,13 +168,13 @@ def _first_error(jobs: list[QueuedJob], settings: DemoSettings) -> str | None:
 
 @click.command()
 @click.option("--dsn", metavar="DSN", help="Use this PostgreSQL instead of an embedded one.")
-@click.option("--jobs", "job_count", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--jobs", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option(
     "--data-dir",
     type=click.Path(file_okay=False, path_type=Path),
     help="Data directory of the embedded PostgreSQL (default: the user data directory).",
 )
-@click.option("--queue", "queue_name", default="demo", show_default=True)
+@click.option("--queue", default="demo", show_default=True)
 @click.option(
     "--executor", type=click.Choice(sorted(_EXECUTORS)), default="async", show_default=True
 )
@@ -188,9 +197,9 @@ def _first_error(jobs: list[QueuedJob], settings: DemoSettings) -> str | None:
 def demo(
     state: CliState,
     dsn: str | None,
-    job_count: int,
+    jobs: int,
     data_dir: Path | None,
-    queue_name: str,
+    queue: str,
     executor: str,
     concurrency: int,
     fail_every: int,
@@ -202,10 +211,11 @@ def demo(
     so nothing needs to be installed or configured.
     """
     state.configure_logging(default="WARNING")
-    settings = DemoSettings(job_count, queue_name, executor, concurrency, fail_every, timeout)
-    Queue(queue_name)  # validate the name before starting anything
+    Queue(queue)  # validate the name before starting anything
+    embedded = dsn is None and not state.app_path
+    settings = DemoSettings(jobs, queue, executor, concurrency, fail_every, timeout, embedded)
     server = None
-    if dsn is not None or state.app_path:
+    if not embedded:
         if data_dir is not None:
             raise click.UsageError("--data-dir is only for the embedded PostgreSQL")
         chancy = Chancy(dsn) if dsn is not None else state.chancy()
@@ -220,14 +230,28 @@ def demo(
             raise click.ClickException(str(exc)) from None
         chancy = Chancy(embedded_dsn)
     try:
-        result = asyncio.run(run_demo(chancy, settings))
+        with _sigterm_as_sigint():
+            result = asyncio.run(run_demo(chancy, settings))
     finally:
         if server is not None:
             server.cleanup()
     _print_summary(settings, result)
-    expected_failures = sum(settings.should_fail(n) for n in range(job_count))
-    if result.states.get("succeeded", 0) != job_count - expected_failures:
+    expected_failures = sum(settings.should_fail(n) for n in range(jobs))
+    if result.states.get("succeeded", 0) != jobs - expected_failures:
         raise click.ClickException(f"some jobs did not succeed: {result.first_error}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_sigint() -> Iterator[None]:
+    """Treat SIGTERM like Ctrl-C, so the worker stops and the embedded server is shut down."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_summary(settings: DemoSettings, result: DemoResult) -> None:

@@ -109,16 +109,16 @@ def _describe(q: Queue) -> str:
 
 
 @queue.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option("--json", is_flag=True, help="Print JSON instead of a table.")
 @pass_state
-def list_queues(state: CliState, as_json: bool) -> None:
+def list_queues(state: CliState, json: bool) -> None:
     """List the declared queues."""
 
     async def run(chancy: Chancy) -> list[Queue]:
         return await chancy.get_all_queues()
 
     queues = sorted(run_with_app(state, run), key=lambda q: q.name)
-    if as_json:
+    if json:
         click.echo(to_json([q.to_dict() for q in queues]))
         return
     if not queues:
@@ -149,7 +149,7 @@ def list_queues(state: CliState, as_json: bool) -> None:
 @queue.command()
 @click.argument("name")
 @click.argument("func")
-@click.option("--kwargs", "kwargs_json", metavar="JSON", help="Keyword arguments as a JSON object.")
+@click.option("--kwargs", metavar="JSON", help="Keyword arguments as a JSON object.")
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher runs first.")
 @click.option("--max-attempts", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--unique-key", metavar="KEY", help="Deduplicate against live jobs with this key.")
@@ -159,7 +159,7 @@ def push(
     state: CliState,
     name: str,
     func: str,
-    kwargs_json: str | None,
+    kwargs: str | None,
     priority: int,
     max_attempts: int,
     unique_key: str | None,
@@ -169,7 +169,7 @@ def push(
     the_job = Job(
         func=func,
         queue=name,
-        kwargs=parse_json_object(kwargs_json, "--kwargs"),
+        kwargs=parse_json_object(kwargs, "--kwargs"),
         priority=priority,
         max_attempts=max_attempts,
         unique_key=unique_key,

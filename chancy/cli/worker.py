@@ -18,7 +18,6 @@ def worker() -> None:
 @click.option(
     "--queue",
     "-q",
-    "queues",
     multiple=True,
     metavar="NAME",
     help="Serve only this queue (repeatable; default: every queue matching the tags).",
@@ -40,7 +39,7 @@ def worker() -> None:
 @pass_state
 def start(
     state: CliState,
-    queues: tuple[str, ...],
+    queue: tuple[str, ...],
     concurrency: int | None,
     tags: tuple[str, ...],
     worker_id: str | None,
@@ -53,12 +52,12 @@ def start(
         the_worker = Worker(
             chancy,
             worker_id=worker_id,
-            queues=queues or None,
+            queues=queue or None,
             concurrency=concurrency,
             tags=tags,
             shutdown_timeout=shutdown_timeout,
         )
-        served = ", ".join(queues) if queues else "all matching queues"
+        served = ", ".join(queue) if queue else "all matching queues"
         click.echo(f"worker {the_worker.worker_id} serving {served}", err=True)
         await the_worker.start()
         click.echo(f"worker {the_worker.worker_id} stopped", err=True)
