@@ -1,0 +1,1 @@
+"""Chancy's benchmark harness: ``python -m bench`` (see bench/README.md)."""
