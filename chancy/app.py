@@ -114,6 +114,25 @@ class Chancy:
 
     # -- pools ------------------------------------------------------------------------
 
+    async def _check_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Pool check: a dead connection (the server restarted) means its idle siblings
+        are dead too: check them all now rather than fail one caller for each."""
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except psycopg.OperationalError:
+            if self._pool is not None:
+                await self._pool.check()
+            raise
+
+    def _check_sync(self, conn: psycopg.Connection[Any]) -> None:
+        """Sync twin of :meth:`_check_async`."""
+        try:
+            ConnectionPool.check_connection(conn)
+        except psycopg.OperationalError:
+            if self._sync_pool is not None:
+                self._sync_pool.check()
+            raise
+
     def _connection_kwargs(self) -> dict[str, Any]:
         return {"autocommit": True, "prepare_threshold": self.prepare_threshold}
 
@@ -139,6 +158,7 @@ class Chancy:
                 max_size=self.max_connection_pool_size,
                 kwargs=self._connection_kwargs(),
                 reconnect_timeout=self.poll_reconnect_timeout,
+                check=self._check_async,
                 open=False,
                 name=f"{self.prefix}pool",
             )
@@ -159,6 +179,7 @@ class Chancy:
                 max_size=self.max_connection_pool_size,
                 kwargs=self._connection_kwargs(),
                 reconnect_timeout=self.poll_reconnect_timeout,
+                check=self._check_sync,
                 open=False,
                 name=f"{self.prefix}sync-pool",
             )

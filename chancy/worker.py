@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
 from chancy import store as store_module
 from chancy.errors import ConfigurationError, MigrationsNeededError
@@ -58,6 +59,7 @@ class Worker:
         queues: Iterable[str] | None = None,
         concurrency: int | None = None,
         completion_interval: float = 0.005,
+        pool_size: int = 8,
     ) -> None:
         if heartbeat_timeout <= heartbeat_poll_interval:
             raise ConfigurationError("heartbeat_timeout must exceed heartbeat_poll_interval")
@@ -81,6 +83,8 @@ class Worker:
         self.only_queues = set(queues) if queues is not None else None
         self.concurrency_override = concurrency
         self.completion_interval = completion_interval
+        self.pool_size = pool_size
+        self._pool: AsyncConnectionPool | None = None
         self.log = chancy.log
         self.hub = Hub()
         self.is_leader = asyncio.Event()
@@ -113,6 +117,15 @@ class Worker:
     async def start(self) -> None:
         """Serve jobs until the worker is stopped; then shut down gracefully."""
         self.loop = asyncio.get_running_loop()
+        await self.pool.open()
+        try:
+            await self._serve_until_stopped()
+        finally:
+            pool, self._pool = self._pool, None
+            if pool is not None:
+                await pool.close()
+
+    async def _serve_until_stopped(self) -> None:
         if not await self.chancy.is_up_to_date():
             raise MigrationsNeededError("the database needs migrations: run chancy.migrate()")
         self._select_plugin_hooks()
@@ -249,9 +262,26 @@ class Worker:
                 waiter.cancel()
 
     async def run_op(self, op: Op[T]) -> T:
-        """Run a store operation on a pooled connection."""
-        async with self.chancy.pool.connection() as conn:
+        """Run a store operation on a connection of the worker's own pool."""
+        async with self.pool.connection() as conn:
             return await store_module.arun(conn, op)
+
+    @property
+    def pool(self) -> AsyncConnectionPool:
+        """The worker's own connections: its loops never wait behind the application's
+        pushes, and they skip the pool's pre-use check (a failed statement is retried by
+        the loop that ran it)."""
+        if self._pool is None:
+            self._pool = AsyncConnectionPool(
+                self.chancy.dsn,
+                min_size=1,
+                max_size=self.pool_size,
+                kwargs=self.chancy._connection_kwargs(),
+                reconnect_timeout=self.chancy.poll_reconnect_timeout,
+                open=False,
+                name=f"chancy-worker-{self.worker_id}",
+            )
+        return self._pool
 
     # -- heartbeat --------------------------------------------------------------------
 

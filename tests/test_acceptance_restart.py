@@ -218,12 +218,6 @@ async def test_worker_survives_restart(
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=psycopg.OperationalError,
-    reason="bug: Chancy's pools have no `check`, so after a restart they hand out the "
-    "connections the server closed: one failed push or sync_push per idle pooled connection",
-)
 @pytest.mark.parametrize("api", ["async", "sync"])
 @pytest.mark.parametrize("mode", MODES)
 async def test_first_push_after_restart_succeeds(
