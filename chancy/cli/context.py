@@ -74,11 +74,10 @@ class CliState:
         return self._chancy
 
     def configure_logging(self, default: str = "WARNING") -> None:
-        """Send log records to stderr at ``--log-level`` (or ``default``)."""
+        """Send log records to stderr at ``--log-level`` (or ``default``), unless the
+        host program (an embedding app, a test runner) has configured logging already."""
         level = (self.log_level or default).upper()
-        logging.basicConfig(
-            level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-        )
+        logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 pass_state = click.make_pass_decorator(CliState, ensure=True)
