@@ -132,7 +132,7 @@ class Worker:
         await self._heartbeat_once()
         installed = self._install_signal_handlers()
         try:
-            self._spawn("heartbeat", self._heartbeat_loop)
+            self._spawn("heartbeat", self._heartbeat_loop, until_stopped=True)
             self._spawn("completions", self._completion_loop)
             self._spawn("queues", self._queue_loop)
             if self.chancy.notifications:
@@ -206,25 +206,32 @@ class Worker:
             return
         self.log.warning("worker %s: second signal, exiting now", self.worker_id)
         self._force = True
-        self.stopping.set()
+        # Record nothing more: the running jobs keep their claim and are recovered by
+        # another worker once this one's heartbeat expires.
         for executor in self._all_executors():
             kill_all = getattr(executor, "kill_all", None)
             if kill_all is not None:
                 kill_all()
-        # Running jobs are left to the Recovery plugin of another worker; exit at once.
-        self.loop.call_later(0.5, os._exit, 1)
+        os._exit(1)
 
-    def _spawn(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        self._tasks.append(asyncio.create_task(self._supervise(name, factory), name=name))
+    def _spawn(
+        self, name: str, factory: Callable[[], Awaitable[None]], *, until_stopped: bool = False
+    ) -> None:
+        task = self._supervise(name, factory, until_stopped=until_stopped)
+        self._tasks.append(asyncio.create_task(task, name=name))
 
-    async def _supervise(self, name: str, factory: Callable[[], Awaitable[None]]) -> None:
-        """Run a loop forever: errors are logged and the loop restarts with back-off."""
+    async def _supervise(
+        self, name: str, factory: Callable[[], Awaitable[None]], *, until_stopped: bool = False
+    ) -> None:
+        """Run a loop forever: errors are logged and the loop restarts with back-off.
+        Loops end when the worker begins to stop, or with ``until_stopped`` only when
+        they are cancelled after shutdown."""
         delay = 0.1
-        while not self.stopping.is_set():
+        while until_stopped or not self.stopping.is_set():
             started = time.monotonic()
             try:
                 await factory()
-                if self.stopping.is_set():
+                if self.stopping.is_set() and not until_stopped:
                     return
             except asyncio.CancelledError:
                 raise
@@ -232,7 +239,10 @@ class Worker:
                 self.log.exception("worker %s: %s failed; restarting", self.worker_id, name)
             if time.monotonic() - started > 30:
                 delay = 0.1
-            await self._sleep(delay)
+            if until_stopped:
+                await asyncio.sleep(delay)
+            else:
+                await self._sleep(delay)
             delay = min(delay * 2, 5.0)
 
     def _background(self, coro: Awaitable[Any]) -> None:
@@ -298,10 +308,10 @@ class Worker:
         )
 
     async def _heartbeat_loop(self) -> None:
-        while not self.stopping.is_set():
-            await self._sleep(self.heartbeat_poll_interval)
-            if self.stopping.is_set():
-                return
+        # Runs until the worker has fully stopped, shutdown included: jobs finishing
+        # within shutdown_timeout must not look orphaned to other workers.
+        while True:
+            await asyncio.sleep(self.heartbeat_poll_interval)
             await self._heartbeat_once()
             await self._poll_cancellations()
             await self._reconcile_claims()
@@ -356,22 +366,10 @@ class Worker:
             # Anything pushed while we were not listening is picked up now.
             for wake in self._wake.values():
                 wake.set()
-            stop_waiter = asyncio.ensure_future(self.stopping.wait())
-            try:
-                generator = conn.notifies()
-                while not self.stopping.is_set():
-                    next_notify = asyncio.ensure_future(anext(generator))
-                    done, _ = await asyncio.wait(
-                        {next_notify, stop_waiter}, return_when=asyncio.FIRST_COMPLETED
-                    )
-                    if next_notify not in done:
-                        next_notify.cancel()
-                        with contextlib.suppress(BaseException):
-                            await next_notify
-                        return
-                    self._on_notify(next_notify.result().payload)
-            finally:
-                stop_waiter.cancel()
+            while not self.stopping.is_set():
+                # Returns every half second so that the loop notices a stop.
+                async for notify in conn.notifies(timeout=0.5):
+                    self._on_notify(notify.payload)
         finally:
             with contextlib.suppress(Exception):
                 await conn.close()
@@ -526,6 +524,8 @@ class Worker:
 
     def on_execution(self, executor: Executor, execution: Execution) -> None:
         """Called by executors when a job ends; queues its outcome for the next batch."""
+        if self._force:
+            return  # forced exit: the claims stay for Recovery
         outcome = self._outcome_for(execution)
         if self._completion_plugins:
             task = asyncio.ensure_future(self._apply_plugins(outcome))
@@ -629,6 +629,10 @@ class Worker:
                 executor.report(job, Kind.INTERRUPTED, error="worker shut down")
                 del ref
         await self._flush_with_retry()
+        # Heartbeats ran until now so that no one recovered jobs still finishing here.
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for plugin in self.chancy.plugins.values():
             try:
                 await plugin.cleanup(self)

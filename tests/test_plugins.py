@@ -123,13 +123,38 @@ async def test_recovery_leaves_live_workers_alone(chancy: Chancy) -> None:
     ref = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
     store = chancy.store
     async with chancy.pool.connection() as conn:
+        assert await arun(conn, store.acquire_lease("leader", 30))
         await arun(
             conn, store.heartbeat("alive", hostname="h", pid=1, tags=[], queues=[], timeout=60)
         )
         await arun(conn, store.fetch_jobs("q", "alive", 1))
-        assert await arun(conn, store.recover_orphaned_jobs()) == []
+        assert await arun(conn, store.recover_orphaned_jobs("leader")) == []
     job = await chancy.get_job(ref)
     assert job is not None and job.state == "running"
+
+
+async def test_only_the_leaseholder_recovers_and_prunes(chancy: Chancy) -> None:
+    """A paused ex-leader that still believes it leads must change nothing."""
+    await chancy.declare(Queue("q"))
+    orphan = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
+    old = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
+    store = chancy.store
+    template, params = (Age() > 60).to_sql()
+    async with chancy.pool.connection() as conn:
+        await arun(conn, store.fetch_jobs("q", "gone", 1))  # no heartbeat row: orphaned
+        await conn.execute(
+            "UPDATE chancy_jobs SET state = 'succeeded', completed_at = now() - interval "
+            "'1 hour' WHERE id = %s",
+            (old.uuid,),
+        )
+        assert await arun(conn, store.acquire_lease("current", 30))
+        assert await arun(conn, store.recover_orphaned_jobs("stale")) == []
+        assert await arun(conn, store.prune_jobs("stale", template, params, 10)) == 0
+        await conn.execute("UPDATE chancy_leader SET expires_at = now() - interval '1 second'")
+        assert await arun(conn, store.recover_orphaned_jobs("current")) == []  # lease expired
+        assert await arun(conn, store.acquire_lease("current", 30))
+        assert await arun(conn, store.recover_orphaned_jobs("current")) == [(orphan, "failed")]
+        assert await arun(conn, store.prune_jobs("current", template, params, 10)) == 1
 
 
 async def test_pruner_deletes_only_old_finished_jobs_in_batches(chancy: Chancy) -> None:
@@ -156,9 +181,10 @@ async def test_pruner_deletes_only_old_finished_jobs_in_batches(chancy: Chancy) 
         )
         rule = (Age() > 3600) & (QueueField() == "q")
         template, params = rule.to_sql()
-        assert await arun(conn, chancy.store.prune_jobs(template, params, 2)) == 2
-        assert await arun(conn, chancy.store.prune_jobs(template, params, 2)) == 1
-        assert await arun(conn, chancy.store.prune_jobs(template, params, 2)) == 0
+        assert await arun(conn, chancy.store.acquire_lease("me", 30))
+        assert await arun(conn, chancy.store.prune_jobs("me", template, params, 2)) == 2
+        assert await arun(conn, chancy.store.prune_jobs("me", template, params, 2)) == 1
+        assert await arun(conn, chancy.store.prune_jobs("me", template, params, 2)) == 0
     left = {j.state for j in await chancy.get_jobs([*refs.values(), kept])}
     assert left == {"pending", "running", "retrying", "succeeded"}
 

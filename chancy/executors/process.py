@@ -229,7 +229,10 @@ def _raise_timeout(signum: int, frame: FrameType | None) -> None:
 def child_main(conn: multiprocessing.connection.Connection, path: list[str]) -> None:
     """Serve jobs sent by the worker over ``conn`` until it closes."""
     sys.path[:] = path
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the worker, which decides
+    # Ctrl-C and a stop signal sent to the whole process group (as systemd does) are for
+    # the worker, which decides when its children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
     resource: Any = None
     with contextlib.suppress(ImportError):

@@ -54,7 +54,8 @@ class Leadership(Plugin):
                 await self.sleep(worker, self.poll_interval)
         finally:
             if worker.stopping.is_set():
-                worker.is_leader.clear()
+                # Hand over at once: a stopping worker does no leader work.
+                await self.cleanup(worker)
 
     async def cleanup(self, worker: Worker) -> None:
         worker.is_leader.clear()

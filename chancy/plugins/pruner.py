@@ -49,7 +49,7 @@ class Pruner(Plugin):
         """Delete one batch now; returns how many jobs were deleted."""
         template, params = self.rule.to_sql()
         deleted = await worker.run_op(
-            chancy.store.prune_jobs(template, params, self.maximum_to_prune)
+            chancy.store.prune_jobs(worker.worker_id, template, params, self.maximum_to_prune)
         )
         if deleted:
             worker.hub.emit("pruner.deleted", deleted)

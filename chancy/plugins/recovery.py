@@ -37,13 +37,15 @@ class Recovery(Plugin):
         """One pass: recover orphaned jobs and forget long-dead workers."""
         total = 0
         while worker.is_leader.is_set():
-            recovered = await worker.run_op(chancy.store.recover_orphaned_jobs(self.batch_size))
+            recovered = await worker.run_op(
+                chancy.store.recover_orphaned_jobs(worker.worker_id, self.batch_size)
+            )
             for ref, state in recovered:
                 worker.hub.emit("job.recovered", {"id": ref, "state": state})
             total += len(recovered)
             if len(recovered) < self.batch_size:
                 break
-        await worker.run_op(chancy.store.delete_expired_workers(grace=3600))
+        await worker.run_op(chancy.store.delete_expired_workers(worker.worker_id, grace=3600))
         if total:
             worker.log.warning("recovered %d job(s) from dead workers", total)
         return total

@@ -305,15 +305,19 @@ class Store:
         )
         return {Reference(r["id"]): r["attempts"] for r in rows}
 
-    def recover_orphaned_jobs(self, limit: int = 1000) -> Op[list[tuple[Reference, str]]]:
-        """Hand back running jobs of dead workers; returns (job, new state) pairs."""
-        rows = yield self.q("recover_orphaned_jobs"), {"limit": limit}
+    def recover_orphaned_jobs(
+        self, leader: str, limit: int = 1000
+    ) -> Op[list[tuple[Reference, str]]]:
+        """As leaseholder ``leader``, hand back running jobs of dead workers; returns
+        (job, new state) pairs. Does nothing if ``leader`` does not hold a live lease."""
+        rows = yield self.q("recover_orphaned_jobs"), {"limit": limit, "leader": leader}
         return [(Reference(r["id"]), r["state"]) for r in rows]
 
-    def prune_jobs(self, rule: sql.Composable, params: Params, limit: int) -> Op[int]:
-        """Delete at most ``limit`` finished jobs matching ``rule``; returns the count."""
+    def prune_jobs(self, leader: str, rule: sql.Composable, params: Params, limit: int) -> Op[int]:
+        """As leaseholder ``leader``, delete at most ``limit`` finished jobs matching
+        ``rule``; returns the count (0 if ``leader`` does not hold a live lease)."""
         query = compose(_query_texts()["prune_jobs_many"], self.prefix, rule=rule)
-        rows = yield query, {**params, "limit": limit}
+        rows = yield query, {**params, "limit": limit, "leader": leader}
         return len(rows)
 
     # -- queues -----------------------------------------------------------------------
@@ -411,9 +415,13 @@ class Store:
         """Forget a worker (on clean shutdown)."""
         yield self.q("delete_worker_one"), {"worker_id": worker_id}
 
-    def delete_expired_workers(self, grace: float) -> Op[list[str]]:
-        """Forget workers whose heartbeat expired more than ``grace`` seconds ago."""
-        rows = yield self.q("delete_expired_workers"), {"grace": float(grace)}
+    def delete_expired_workers(self, leader: str, grace: float) -> Op[list[str]]:
+        """As leaseholder ``leader``, forget workers whose heartbeat expired more than
+        ``grace`` seconds ago."""
+        rows = yield (
+            self.q("delete_expired_workers"),
+            {"grace": float(grace), "leader": leader},
+        )
         return [r["worker_id"] for r in rows]
 
     def get_workers(self) -> Op[list[Row]]:

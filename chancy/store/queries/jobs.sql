@@ -127,10 +127,16 @@ SELECT id FROM {jobs} WHERE id = ANY(%(ids)s::uuid[]) AND state = 'cancelled'
 -- name: recover_orphaned_jobs
 -- Jobs claimed by a worker that stopped heartbeating go back in line, or fail when the
 -- attempt they were on was their last. Locked rows are skipped (their owner is acting).
+-- Leader-only: does nothing unless %(leader)s holds a live lease.
 WITH orphaned AS (
     SELECT j.id
     FROM {jobs} AS j
     WHERE j.state = 'running'
+      -- Only the current leaseholder acts, even if it was paused since it last checked.
+      AND EXISTS (
+          SELECT 1 FROM {leader} AS l
+          WHERE l.worker_id = %(leader)s AND l.expires_at > now()
+      )
       AND NOT EXISTS (
           SELECT 1 FROM {workers} AS w
           WHERE w.worker_id = j.taken_by AND w.expires_at >= now()
@@ -154,10 +160,15 @@ RETURNING j.id, j.state
 
 -- name: prune_jobs_many
 -- Deletes at most %(limit)s finished jobs matching a rule; never touches live jobs.
+-- Leader-only: does nothing unless %(leader)s holds a live lease.
 DELETE FROM {jobs}
 WHERE id IN (
     SELECT id FROM {jobs}
     WHERE state IN ('succeeded', 'failed', 'cancelled') AND ({rule})
+      AND EXISTS (
+          SELECT 1 FROM {leader} AS l
+          WHERE l.worker_id = %(leader)s AND l.expires_at > now()
+      )
     LIMIT %(limit)s
 )
 RETURNING id

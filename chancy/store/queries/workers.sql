@@ -13,7 +13,11 @@ ON CONFLICT (worker_id) DO UPDATE SET
 DELETE FROM {workers} WHERE worker_id = %(worker_id)s
 
 -- name: delete_expired_workers
-DELETE FROM {workers} WHERE expires_at < now() - make_interval(secs => %(grace)s)
+DELETE FROM {workers}
+WHERE expires_at < now() - make_interval(secs => %(grace)s)
+  AND EXISTS (
+      SELECT 1 FROM {leader} AS l WHERE l.worker_id = %(leader)s AND l.expires_at > now()
+  )
 RETURNING worker_id
 
 -- name: select_workers_all
