@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import importlib
 import json
@@ -97,7 +98,6 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self._outcomes: list[Outcome] = []
         self._outcomes_ready = asyncio.Event()
-        self._flushed = asyncio.Event()
         self._refresh_queues = asyncio.Event()
         self._started = asyncio.Event()
         self._stopped = asyncio.Event()
@@ -109,6 +109,7 @@ class Worker:
         self._meta_snapshots: dict[Reference, str] = {}
         # Jobs fetched by this worker whose outcome is not yet written.
         self._claimed: set[Reference] = set()
+        self._unrecorded: collections.Counter[str] = collections.Counter()
         self._job_plugins: list[Plugin] = []
         self._completion_plugins: list[Plugin] = []
 
@@ -485,7 +486,9 @@ class Worker:
                 await self._sleep(queue.polling_interval, wake)
                 wake.clear()
                 continue
-            free = executor.free_slots
+            # Finished jobs whose outcome is not written yet still hold their slot, so
+            # that a slow database cannot make this worker claim more than it can run.
+            free = min(executor.free_slots, executor.concurrency - self._unrecorded[name])
             if free <= 0:
                 executor.slot_freed.clear()
                 await self._sleep(queue.polling_interval, executor.slot_freed)
@@ -494,6 +497,7 @@ class Worker:
             jobs = await self.run_op(self.chancy.store.fetch_jobs(name, self.worker_id, free))
             for job in jobs:
                 self._claimed.add(job.id)
+                self._unrecorded[name] += 1
             for job in jobs:
                 await self._dispatch(executor, job)
             if len(jobs) < free and not self.stopping.is_set():
@@ -587,8 +591,15 @@ class Worker:
             self._outcomes[:0] = batch
             self._outcomes_ready.set()
             raise
+        recorded = collections.Counter(outcome.job.queue for outcome in batch)
         for outcome in batch:
             self._claimed.discard(outcome.job.id)
+        for queue_name, count in recorded.items():
+            self._unrecorded[queue_name] = max(self._unrecorded[queue_name] - count, 0)
+            executor = self.executors.get(queue_name)
+            if executor is not None:
+                executor.slot_freed.set()
+        self.hub.emit("job.recorded", batch)
         # A job handed back to run again soon is fetched when due, not a poll later.
         for outcome in batch:
             if outcome.state in ("pending", "retrying"):

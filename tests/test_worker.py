@@ -435,3 +435,27 @@ async def test_lost_claims_are_handed_back(chancy: Chancy) -> None:
         job = await chancy.wait_for_job(ref, timeout=10)
     assert job is not None and job.state == "succeeded" and job.attempts == 1
     assert "claim lost" in job.errors[0]["traceback"]
+
+
+async def test_claims_never_exceed_concurrency_while_outcomes_are_unwritten(
+    chancy: Chancy,
+) -> None:
+    """Outcomes are written on a slow tick here; the worker must not claim more jobs than
+    it can run while earlier outcomes wait to be written."""
+    await chancy.declare(Queue("q", executor=Chancy.Executor.Async, concurrency=3))
+    refs = [
+        r
+        async for batch in chancy.push_many([Job(func="tests.jobs.noop", queue="q")] * 40)
+        for r in batch
+    ]
+    peak = 0
+    async with serving(chancy, completion_interval=0.1):
+        done = asyncio.ensure_future(chancy.wait_for_jobs(refs, timeout=30, interval=0.05))
+        while not done.done():
+            async with chancy.pool.connection() as conn:
+                cur = await conn.execute("SELECT count(*) FROM chancy_jobs WHERE state = 'running'")
+                row = await cur.fetchone()
+            peak = max(peak, row[0] if row else 0)
+            await asyncio.sleep(0.01)
+        jobs = await done
+    assert len(jobs) == 40 and peak <= 3

@@ -30,7 +30,12 @@ from chancy.queue import Queue
 
 T = TypeVar("T")
 Params = Mapping[str, Any]
-Statement = tuple[sql.Composed | sql.SQL, Params | None]
+#: ``(query, params)``, or ``(query, params, False)`` for a statement that must be planned
+#: for its actual parameters every time instead of reusing a prepared generic plan.
+Statement = (
+    tuple[sql.Composed | sql.SQL, Params | None]
+    | tuple[sql.Composed | sql.SQL, Params | None, bool]
+)
 Row = dict[str, Any]
 #: A store operation: yields statements, receives each statement's rows, returns a value.
 Op = Generator[Statement, list[Row], T]
@@ -265,7 +270,9 @@ class Store:
             "meta": [None if o.meta is None else _dumps_lenient(o.meta) for o in outcomes],
             "result": [None if o.result is None else _dumps_lenient(o.result) for o in outcomes],
         }
-        rows = yield self.q("complete_jobs_batch"), params
+        # Not prepared: on a young table a generic plan walks every running job of the
+        # worker for each outcome instead of looking outcomes up by id.
+        rows = yield self.q("complete_jobs_batch"), params, False
         return {Reference(r["id"]) for r in rows}
 
     def get_jobs(self, refs: Iterable[Reference | str | uuid.UUID]) -> Op[list[QueuedJob]]:
@@ -521,7 +528,8 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
         try:
             statement = next(op)
             while True:
-                await cur.execute(statement[0], statement[1])
+                prepare = statement[2] if len(statement) == 3 else None
+                await cur.execute(statement[0], statement[1], prepare=prepare)
                 rows = await cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
@@ -535,7 +543,8 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
         try:
             statement = next(op)
             while True:
-                cur.execute(statement[0], statement[1])
+                prepare = statement[2] if len(statement) == 3 else None
+                cur.execute(statement[0], statement[1], prepare=prepare)
                 rows = cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
