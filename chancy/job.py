@@ -276,6 +276,33 @@ class QueuedJob(Job):
         """True once the job succeeded, failed or was cancelled."""
         return self.state in FINISHED_STATES
 
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-friendly form (datetimes as ISO 8601 strings), for the CLI and APIs."""
+
+        def iso(value: dt.datetime | None) -> str | None:
+            return value.isoformat() if value is not None else None
+
+        return {
+            "id": str(self.id),
+            "queue": self.queue,
+            "func": self.func,
+            "kwargs": dict(self.kwargs),
+            "state": self.state.value,
+            "priority": self.priority,
+            "attempts": self.attempts,
+            "max_attempts": self.max_attempts,
+            "unique_key": self.unique_key,
+            "limits": [limit.to_dict() for limit in self.limits],
+            "meta": dict(self.meta),
+            "created_at": iso(self.created_at),
+            "scheduled_at": iso(self.scheduled_at),
+            "started_at": iso(self.started_at),
+            "completed_at": iso(self.completed_at),
+            "taken_by": self.taken_by,
+            "result": self.result,
+            "errors": list(self.errors),
+        }
+
 
 FINISHED_STATES = frozenset(
     {QueuedJob.State.SUCCEEDED, QueuedJob.State.FAILED, QueuedJob.State.CANCELLED}

@@ -169,3 +169,20 @@ def test_queue_name_and_tags() -> None:
     assert q.matches({"gpu-1"}) and not q.matches({"cpu"})
     assert Queue("q").matches({"anything"})
     assert Queue("q", executor=Queue).executor == "chancy.queue.Queue"
+
+
+def test_queued_job_to_dict_is_json_ready() -> None:
+    import json
+
+    when = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    queued = QueuedJob(
+        id=Reference(uuid.uuid4()),
+        func="m.f",
+        kwargs={"a": 1},
+        limits=(Limit(Limit.Type.TIME, 3),),
+        created_at=when,
+    )
+    data = json.loads(json.dumps(queued.to_dict()))
+    assert data["func"] == "m.f" and data["kwargs"] == {"a": 1} and data["state"] == "pending"
+    assert data["created_at"] == when.isoformat() and data["started_at"] is None
+    assert data["limits"] == [{"type": "time", "value": 3}]

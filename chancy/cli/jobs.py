@@ -2,37 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from chancy.app import Chancy
 from chancy.cli.context import CliState, fail, pass_state, run_with_app, to_json
 from chancy.job import QueuedJob
-
-
-def job_to_dict(queued: QueuedJob) -> dict[str, Any]:
-    """A JSON-friendly form of a stored job."""
-    return {
-        "id": str(queued.id),
-        "queue": queued.queue,
-        "func": queued.func,
-        "kwargs": dict(queued.kwargs),
-        "state": queued.state.value,
-        "priority": queued.priority,
-        "attempts": queued.attempts,
-        "max_attempts": queued.max_attempts,
-        "unique_key": queued.unique_key,
-        "limits": [limit.to_dict() for limit in queued.limits],
-        "meta": dict(queued.meta),
-        "created_at": queued.created_at,
-        "scheduled_at": queued.scheduled_at,
-        "started_at": queued.started_at,
-        "completed_at": queued.completed_at,
-        "taken_by": queued.taken_by,
-        "result": queued.result,
-        "errors": list(queued.errors),
-    }
 
 
 @click.group()
@@ -52,7 +26,7 @@ def get(state: CliState, job_id: str) -> None:
     found = run_with_app(state, run)
     if found is None:
         fail(f"no job {job_id}")
-    click.echo(to_json(job_to_dict(found)))
+    click.echo(to_json(found.to_dict()))
 
 
 @job.command()
