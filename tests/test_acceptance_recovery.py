@@ -223,11 +223,6 @@ async def test_frozen_worker_late_completion_changes_nothing(
     assert zombie.alive and healthy.alive
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a resumed (SIGSTOP/SIGCONT) ex-leader's Recovery runs on its stale "
-    "is_leader flag before Leadership notices the lease is gone",
-)
 async def test_frozen_ex_leader_does_not_act_before_checking_its_lease(
     chancy: Chancy, workers: Workers
 ) -> None:
