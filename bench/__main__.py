@@ -74,6 +74,17 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def settle(scratch: db.ScratchDatabase) -> None:
+    """Flush dirty buffers left by the previous run (big pushes, dropped schemas) so that
+    its background writes do not land in the next measurement. Needs superuser or
+    pg_checkpoint; skipped without."""
+    try:
+        with psycopg.connect(scratch.dsn, autocommit=True) as conn:
+            conn.execute("CHECKPOINT")
+    except psycopg.Error:
+        pass
+
+
 async def measure_system(
     scenario: Scenario,
     system: System,
@@ -82,6 +93,7 @@ async def measure_system(
     log_dir: Path,
 ) -> dict[str, Any]:
     """One run of one scenario for raw or Chancy, in a schema of its own."""
+    settle(scratch)
     with scratch.schema(f"{scenario.name}_{system.name}") as dsn:
         conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
         try:
@@ -113,6 +125,7 @@ async def measure_peer(
         "bulk_push": (sizes.bulk_n, sizes.bulk_batch),
         "drain": (sizes.drain_n, 100),
     }[op]
+    settle(scratch)
     try:
         database = f"{scratch.name}_{installed.peer.name}"
         result = await peers.measure(installed, scratch.server_dsn, database, op, n, batch, log_dir)
