@@ -45,3 +45,16 @@ def kill_worker(path: str) -> None:
     _journal(path, f"kill {os.environ.get(WORKER_PID_ENV)}")
     # A pending SIGKILL lets the target run no more user code, so no outcome is recorded.
     os.kill(int(os.environ.get(WORKER_PID_ENV) or os.getpid()), signal.SIGKILL)
+
+
+def stubborn_sleep(path: str, tag: str, seconds: float) -> str:
+    """Sleep ``seconds`` and swallow every interruption meanwhile (a badly behaved job)."""
+    _journal(path, f"start {tag}")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            time.sleep(max(deadline - time.monotonic(), 0))
+        except BaseException:
+            _journal(path, f"ignored {tag}")
+    _journal(path, f"end {tag}")
+    return tag

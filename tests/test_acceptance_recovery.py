@@ -7,6 +7,7 @@ Workers run with heartbeat 0.5 s / timeout 2 s, lease 0.5 s / 2 s and Recovery e
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import signal
 import time
@@ -99,6 +100,49 @@ async def test_kill_9_worker_jobs_are_recovered_and_completed(
         assert "WorkerDiedError" in error["traceback"]
         assert doomed.worker_id in error["traceback"]
     assert survivor.alive
+
+
+def session_processes(session: int) -> list[int]:
+    """Live (non-zombie) processes of a session, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state, ppid, pgrp, session, ...
+        if int(fields[3]) == session and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: process-executor children outlive a kill -9 of their worker and keep "
+    "running the job beside its recovered retry",
+)
+async def test_kill_9_worker_leaves_no_job_process_running(
+    chancy: Chancy, workers: Workers, tmp_path: Path
+) -> None:
+    await chancy.declare(
+        Queue("acc", executor=Chancy.Executor.Process, concurrency=2, polling_interval=0.2)
+    )
+    doomed = await workers.start()
+    path = tmp_path / "journal"
+    for i in range(2):
+        await chancy.push(slow_first(path, f"j{i}", 30, max_attempts=3))
+    await journal_lines(path, 2, "start", timeout=15)
+    assert len(session_processes(doomed.pid)) >= 3  # worker, forkserver, two children
+
+    doomed.send(signal.SIGKILL)
+    assert await doomed.exit_code(5) == -signal.SIGKILL
+
+    async def gone() -> bool:
+        return not await asyncio.to_thread(session_processes, doomed.pid)
+
+    await eventually(gone, timeout=3, what=f"{session_processes(doomed.pid)} to exit")
 
 
 async def test_poison_job_that_kills_its_child_fails_after_max_attempts(

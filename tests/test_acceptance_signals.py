@@ -147,6 +147,44 @@ async def test_sigterm_hands_back_jobs_longer_than_shutdown_timeout(
     assert await worker_row(chancy, worker.worker_id) is None
 
 
+async def test_sigterm_kills_a_job_that_ignores_the_interrupt_after_kill_grace(
+    chancy: Chancy, workers: Workers, tmp_path: Path
+) -> None:
+    shutdown_timeout, kill_grace = 1, 1
+    await chancy.declare(
+        Queue(
+            "acc",
+            executor=Chancy.Executor.Process,
+            concurrency=1,
+            polling_interval=0.2,
+            executor_options={"kill_grace": kill_grace},
+        )
+    )
+    worker = await workers.start(shutdown_timeout=shutdown_timeout)
+    path = tmp_path / "journal"
+    (ref,) = [
+        await chancy.push(
+            Job(
+                func="tests.acceptance_jobs.stubborn_sleep",
+                queue="acc",
+                kwargs={"path": str(path), "tag": "j0", "seconds": 30},
+                max_attempts=2,
+            )
+        )
+    ]
+    await journal_lines(path, 1, "start", timeout=15)
+
+    sent = time.monotonic()
+    worker.send(signal.SIGTERM)
+    code = await worker.exit_code(shutdown_timeout + kill_grace + 3)
+    print(f"SIGTERM (job ignoring the interrupt) -> exit {code} in {time.monotonic() - sent:.2f} s")
+
+    assert code == 0, worker.output()
+    assert "ignored j0" in journal(path)  # it was asked to stop, and refused
+    (row,) = await job_rows(chancy, [ref])
+    assert (row["state"], row["attempts"], row["completed_at"]) == ("pending", 0, None), row
+
+
 @pytest.mark.parametrize("executor", EXECUTORS)
 async def test_second_signal_exits_at_once_and_leaves_jobs_to_recovery(
     chancy: Chancy, workers: Workers, tmp_path: Path, executor: str
