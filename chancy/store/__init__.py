@@ -479,7 +479,7 @@ def row_to_job(row: Row) -> QueuedJob:
         created_at=row["created_at"],
         started_at=row.get("started_at"),
         completed_at=row.get("completed_at"),
-        errors=list(row["errors"]),
+        errors=list(row.get("errors") or ()),
         result=row.get("result"),
         taken_by=row.get("taken_by"),
     )

@@ -38,24 +38,9 @@ UNION ALL
 SELECT NULL, NULL, NULL, NULL FROM (SELECT count(*) AS n FROM notified) AS c WHERE c.n < 0
 
 -- name: fetch_jobs_many
--- Claims up to %(limit)s due jobs of one queue for one worker; counts the attempt now.
-WITH picked AS (
-    SELECT id
-    FROM {jobs}
-    WHERE queue = %(queue)s
-      AND state IN ('pending', 'retrying')
-      AND scheduled_at <= now()
-    ORDER BY priority DESC, id
-    LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE {jobs} AS j
-SET state = 'running', attempts = j.attempts + 1, taken_by = %(worker_id)s, started_at = now()
-FROM picked
-WHERE j.id = picked.id
-RETURNING j.id, j.queue, j.func, j.kwargs, j.meta, j.limits, j.priority, j.state, j.attempts,
-          j.max_attempts, j.unique_key, j.taken_by, j.errors, j.created_at, j.scheduled_at,
-          j.started_at
+-- Claims up to %(limit)s due jobs of one queue for one worker, highest priority then
+-- oldest first, counting the attempt now (migration 0002 explains the function).
+SELECT * FROM {fetch_jobs}(%(queue)s, %(worker_id)s, %(limit)s)
 
 -- name: complete_jobs_batch
 -- Records many outcomes at once. Each row is guarded by its claim (id, attempt, worker,

@@ -1,0 +1,1 @@
+DROP FUNCTION IF EXISTS {fetch_jobs}(text, text, integer);
