@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from psycopg import sql
 
 from chancy import Chancy, Job, Queue, Reference
 from tests.proc import (
@@ -329,3 +330,50 @@ async def test_frozen_ex_leader_does_not_act_before_checking_its_lease(
     assert (row["state"], row["taken_by"]) == ("running", "ghost"), ex_leader.output()
     assert not ex_leader.find(r"^RECOVERED ", since=mark)
     leader.send(signal.SIGCONT)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: the leader's Recovery hands back its own running jobs when its own "
+    "heartbeat write is late, although it knows they are running",
+)
+async def test_leader_never_recovers_its_own_running_jobs(
+    chancy: Chancy, workers: Workers, tmp_path: Path
+) -> None:
+    """A heartbeat held back (here by a row lock; in life by a slow or dropped
+    connection) lets the worker's row expire while it runs a job. Other workers may then
+    take the job, by design; the worker itself knows better and must not."""
+    await chancy.declare(
+        Queue("acc", executor=Chancy.Executor.Threaded, concurrency=1, polling_interval=0.2)
+    )
+    worker = await workers.start()
+    path = tmp_path / "journal"
+    ref = await chancy.push(slow_first(path, "j0", 5, max_attempts=3))
+    await journal_lines(path, 1, "start", timeout=15)
+    await eventually(lambda: lease(chancy), timeout=5, what="the worker to lead")
+
+    async with chancy.pool.connection() as conn, conn.transaction():
+        await conn.execute(
+            sql.SQL("SELECT 1 FROM {} WHERE worker_id = %s FOR UPDATE").format(
+                sql.Identifier(chancy.prefix + "workers")
+            ),
+            (worker.worker_id,),
+        )
+
+        async def expired_a_while() -> bool:
+            # Expired for two Recovery intervals and more: a leader that recovers
+            # its own jobs has done so by now.
+            rows = await query(
+                chancy,
+                "SELECT expires_at < now() - make_interval(secs => %(s)s) AS long_ago "
+                "FROM {workers} WHERE worker_id = %(w)s",
+                {"s": 2 * POLL_INTERVAL + 0.2, "w": worker.worker_id},
+            )
+            return bool(rows and rows[0]["long_ago"])
+
+        await eventually(expired_a_while, timeout=10, what="the heartbeat to expire")
+
+    (row,) = await wait_states(chancy, [ref], {"succeeded", "failed"}, timeout=10, what="end")
+    assert (row["state"], row["attempts"], row["errors"]) == ("succeeded", 1, []), row
+    assert [line for line in journal(path) if line.startswith("start")] == ["start j0 1"]
+    assert not worker.find(r"^RECOVERED ")
