@@ -486,15 +486,18 @@ class Worker:
                 await self._sleep(queue.polling_interval, wake)
                 wake.clear()
                 continue
-            # Finished jobs whose outcome is not written yet still hold their slot, so
-            # that a slow database cannot make this worker claim more than it can run.
-            free = min(executor.free_slots, executor.concurrency - self._unrecorded[name])
+            # Finished jobs whose outcome is not written yet hold their slot, so that a
+            # slow database cannot make this worker claim more than it can run. Pending
+            # outcomes are written in the same round trip as the fetch.
+            writable = sum(1 for outcome in self._outcomes if outcome.job.queue == name)
+            unrecorded = self._unrecorded[name] - writable
+            free = min(executor.free_slots, executor.concurrency - unrecorded)
             if free <= 0:
                 executor.slot_freed.clear()
                 await self._sleep(queue.polling_interval, executor.slot_freed)
                 continue
             wake.clear()
-            jobs = await self.run_op(self.chancy.store.fetch_jobs(name, self.worker_id, free))
+            jobs = await self._record_and_fetch(name, free)
             for job in jobs:
                 self._claimed.add(job.id)
                 self._unrecorded[name] += 1
@@ -502,6 +505,25 @@ class Worker:
                 await self._dispatch(executor, job)
             if len(jobs) < free and not self.stopping.is_set():
                 await self._sleep(queue.polling_interval, wake)
+
+    async def _record_and_fetch(self, name: str, limit: int) -> list[QueuedJob]:
+        """Write every pending outcome and claim up to ``limit`` jobs: one round trip."""
+        batch = self._take_outcomes()
+        store = self.chancy.store
+        try:
+            async with self.pool.connection() as conn:
+                _, jobs = await store_module.arun_pipelined(
+                    conn,
+                    [
+                        store.complete_jobs(self.worker_id, batch),
+                        store.fetch_jobs(name, self.worker_id, limit),
+                    ],
+                )
+        except BaseException:
+            self._return_outcomes(batch)
+            raise
+        self._recorded(batch)
+        return jobs  # type: ignore[no-any-return]
 
     async def _dispatch(self, executor: Executor, job: QueuedJob) -> None:
         if job.meta:
@@ -579,18 +601,32 @@ class Worker:
                 await asyncio.sleep(self.completion_interval)
             await self.flush_outcomes()
 
-    async def flush_outcomes(self) -> None:
-        """Write every queued outcome in one statement (kept for retry on failure)."""
+    def _take_outcomes(self) -> list[Outcome]:
         self._outcomes_ready.clear()
         batch, self._outcomes = self._outcomes, []
+        return batch
+
+    def _return_outcomes(self, batch: list[Outcome]) -> None:
+        # Kept for the next write; the claim guard makes writing one twice harmless.
+        self._outcomes[:0] = batch
+        if self._outcomes:
+            self._outcomes_ready.set()
+
+    async def flush_outcomes(self) -> None:
+        """Write every queued outcome in one statement (kept for retry on failure)."""
+        batch = self._take_outcomes()
         if not batch:
             return
         try:
             await self.run_op(self.chancy.store.complete_jobs(self.worker_id, batch))
         except BaseException:
-            self._outcomes[:0] = batch
-            self._outcomes_ready.set()
+            self._return_outcomes(batch)
             raise
+        self._recorded(batch)
+
+    def _recorded(self, batch: list[Outcome]) -> None:
+        if not batch:
+            return
         recorded = collections.Counter(outcome.job.queue for outcome in batch)
         for outcome in batch:
             self._claimed.discard(outcome.job.id)

@@ -536,6 +536,35 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
             return typing.cast(T, stop.value)
 
 
+async def arun_pipelined(conn: psycopg.AsyncConnection[Any], ops: Sequence[Op[Any]]) -> list[Any]:
+    """Run single-statement operations in one round trip (pipeline mode); each statement
+    is its own transaction on an autocommit connection. Returns their results in order."""
+    results: list[Any] = [None] * len(ops)
+    started: list[tuple[int, psycopg.AsyncCursor[Row]]] = []
+    async with conn.pipeline() as pipeline:
+        for index, op in enumerate(ops):
+            try:
+                statement = next(op)
+            except StopIteration as stop:
+                results[index] = stop.value
+                continue
+            cur = conn.cursor(row_factory=dict_row)
+            prepare = statement[2] if len(statement) == 3 else None
+            await cur.execute(statement[0], statement[1], prepare=prepare)
+            started.append((index, cur))
+        await pipeline.sync()
+        for index, cur in started:
+            rows = await cur.fetchall() if cur.description is not None else []
+            try:
+                ops[index].send(rows)
+            except StopIteration as stop:
+                results[index] = stop.value
+            else:
+                raise RuntimeError("arun_pipelined takes single-statement operations only")
+            await cur.close()
+    return results
+
+
 def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
     """Run a store operation on a sync connection or cursor (in its transaction)."""
     conn = target if isinstance(target, psycopg.Connection) else target.connection
