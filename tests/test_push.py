@@ -216,3 +216,21 @@ async def test_wait_for_job_custom_states(app: Chancy) -> None:
     ref = await app.push(Job(func="tests.jobs.noop"))
     job = await app.wait_for_job(ref, states=["pending"], timeout=1)
     assert job is not None and job.state == "pending"
+
+
+async def test_bulk_push_mixed_fields_round_trip(app: Chancy) -> None:
+    from chancy.job import PRIORITY_MAX, PRIORITY_MIN
+
+    when = dt.datetime(2032, 1, 1, tzinfo=dt.UTC)
+    jobs = [
+        Job(func="tests.jobs.noop", priority=PRIORITY_MAX),
+        Job(func="tests.jobs.noop", priority=PRIORITY_MIN, scheduled_at=when),
+        Job(func="tests.jobs.noop", unique_key="mixed", meta={"k": [1, 2]}),
+        Job(func="tests.jobs.noop", kwargs={"s": "é\u0000x"[:1] + "quote'\"{},"}),
+    ]
+    refs = [r.reference for r in await app.push_detailed(jobs)]
+    stored = {j.id: j for j in await app.get_jobs(refs)}
+    got = [stored[r] for r in refs]
+    assert [j.priority for j in got] == [PRIORITY_MAX, PRIORITY_MIN, 0, 0]
+    assert got[1].scheduled_at == when and got[2].unique_key == "mixed"
+    assert got[2].meta == {"k": [1, 2]} and got[3].kwargs == jobs[3].kwargs

@@ -4,7 +4,7 @@
 -- One NOTIFY per queue that received jobs which are already due.
 WITH missing AS (
     SELECT DISTINCT q.name
-    FROM unnest(%(queue)s::text[]) AS q(name)
+    FROM unnest(%(queue)b::text[]) AS q(name)
     WHERE %(require_queues)s
       AND NOT EXISTS (SELECT 1 FROM {queues} AS known WHERE known.name = q.name)
 ), inserted AS (
@@ -14,9 +14,9 @@ WITH missing AS (
     SELECT i.id, i.queue, i.func, i.kwargs::jsonb, i.meta::jsonb, i.limits::jsonb, i.priority,
            i.max_attempts, i.unique_key, coalesce(i.scheduled_at, now())
     FROM unnest(
-        %(id)s::uuid[], %(queue)s::text[], %(func)s::text[], %(kwargs)s::text[],
-        %(meta)s::text[], %(limits)s::text[], %(priority)s::smallint[],
-        %(max_attempts)s::integer[], %(unique_key)s::text[], %(scheduled_at)s::timestamptz[]
+        %(id)b::uuid[], %(queue)b::text[], %(func)b::text[], %(kwargs)b::text[],
+        %(meta)b::text[], %(limits)b::text[], %(priority)b::smallint[],
+        %(max_attempts)b::integer[], %(unique_key)b::text[], %(scheduled_at)b::timestamptz[]
     ) AS i(id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key,
            scheduled_at)
     WHERE NOT EXISTS (SELECT 1 FROM missing)
@@ -57,8 +57,8 @@ SET state = o.state,
     meta = coalesce(o.meta::jsonb, j.meta),
     result = o.result::jsonb
 FROM unnest(
-    %(id)s::uuid[], %(attempt)s::integer[], %(state)s::text[], %(delay)s::float8[],
-    %(refund)s::integer[], %(error)s::text[], %(meta)s::text[], %(result)s::text[]
+    %(id)b::uuid[], %(attempt)b::integer[], %(state)b::text[], %(delay)b::float8[],
+    %(refund)b::integer[], %(error)b::text[], %(meta)b::text[], %(result)b::text[]
 ) AS o(id, attempt, state, delay, refund, error, meta, result)
 WHERE j.id = o.id
   AND j.state = 'running'
