@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 from chancy.executors.base import (
@@ -32,34 +34,32 @@ class AsyncExecutor(Executor):
         self._why: dict[Reference, Kind] = {}
 
     async def start_job(self, job: QueuedJob) -> None:
-        task = asyncio.create_task(self._run(job), name=f"chancy-job-{job.id}")
-        self._tasks[job.id] = task
+        self._tasks[job.id] = asyncio.create_task(self._run(job))
 
     async def _run(self, job: QueuedJob) -> None:
+        limit: asyncio.Timeout | None = None
         try:
             func, kwargs = prepare_call(job)
+            if is_async(func):
+                call = func(**kwargs)
+            else:
+                call = asyncio.to_thread(func, **kwargs)
             seconds = time_limit(job)
-            async with asyncio.timeout(seconds):
-                if inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-                    getattr(func, "func", None)
-                ):
-                    result = await func(**kwargs)
-                else:
-                    result = await asyncio.to_thread(func, **kwargs)
-                    if inspect.isawaitable(result):
-                        result = await result
+            if seconds is None:
+                result = await call
+            else:
+                async with asyncio.timeout(seconds) as limit:
+                    result = await call
+            if inspect.isawaitable(result):
+                result = await result
         except asyncio.CancelledError:
             kind = self._why.pop(job.id, Kind.INTERRUPTED)
             self.report(job, kind, error=interrupt_message(kind, job), meta=dict(job.meta))
-        except TimeoutError:
-            self.report(
-                job,
-                Kind.TIMEOUT,
-                error=traceback.format_exc(),
-                meta=dict(job.meta),
-            )
         except Exception as exc:
-            kind, delay = classify_exception(exc)
+            if limit is not None and limit.expired():
+                kind, delay = Kind.TIMEOUT, 0.0
+            else:
+                kind, delay = classify_exception(exc)
             self.report(job, kind, error=traceback.format_exc(), delay=delay, meta=dict(job.meta))
         else:
             self.report(job, Kind.SUCCEEDED, result=result, meta=dict(job.meta))
@@ -73,3 +73,11 @@ class AsyncExecutor(Executor):
         self._why[ref] = kind
         task.cancel()
         return None
+
+
+@functools.lru_cache(maxsize=1024)
+def is_async(func: Callable[..., Any]) -> bool:
+    """True for coroutine functions, including ones wrapped by ``@job``."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "func", None)
+    )

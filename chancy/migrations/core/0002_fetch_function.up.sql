@@ -30,7 +30,9 @@ BEGIN
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
     ))
-    RETURNING j.id, j.queue, j.func, j.kwargs, j.meta, j.limits, j.priority, j.state,
+    -- Empty meta and limits come back as NULL: nothing to decode for most jobs.
+    RETURNING j.id, j.queue, j.func, j.kwargs, nullif(j.meta, '{{}}'::jsonb),
+              nullif(j.limits, '[]'::jsonb), j.priority, j.state,
               j.attempts, j.max_attempts, j.unique_key, j.taken_by, j.created_at,
               j.scheduled_at, j.started_at;
 END
