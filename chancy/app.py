@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import enum
 import logging
+import select
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
@@ -115,8 +116,12 @@ class Chancy:
     # -- pools ------------------------------------------------------------------------
 
     async def _check_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Pool check: a dead connection (the server restarted) means its idle siblings
-        are dead too: check them all now rather than fail one caller for each."""
+        """Pool check before lending a connection. A server that closed the connection
+        (restart, pg_terminate_backend) leaves data or EOF on an idle socket, so only
+        then is a round trip spent. A dead connection means its idle siblings are dead
+        too: check them all now rather than fail one caller for each."""
+        if not _socket_has_data(conn):
+            return
         try:
             await AsyncConnectionPool.check_connection(conn)
         except psycopg.OperationalError:
@@ -126,6 +131,8 @@ class Chancy:
 
     def _check_sync(self, conn: psycopg.Connection[Any]) -> None:
         """Sync twin of :meth:`_check_async`."""
+        if not _socket_has_data(conn):
+            return
         try:
             ConnectionPool.check_connection(conn)
         except psycopg.OperationalError:
@@ -505,6 +512,18 @@ class Chancy:
     async def retry_job(self, ref: RefLike) -> bool:
         """Run a finished (failed, cancelled or succeeded) job again now."""
         return await self._run(self.store.retry_job(Reference(ref)))
+
+
+def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """True if an idle connection's socket is readable: the server sent something
+    unasked (an error before closing it) or closed it, or it is already broken."""
+    if conn.closed:
+        return True
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
