@@ -174,6 +174,8 @@ class Store:
     ) -> Op[list[PushResult] | list[str]]:
         """Insert jobs in one statement. Returns one PushResult per job, or the names of
         unknown queues (and inserts nothing) when ``require_queues`` is set."""
+        if len(jobs) == 1:
+            return (yield from self._push_one(jobs[0], require_queues, notify))
         columns: dict[str, list[Any]] = {
             k: []
             for k in (
@@ -239,6 +241,29 @@ class Store:
             seen.add(slot)
             results.append(result)
         return results
+
+    def _push_one(
+        self, job: Job, require_queues: bool, notify: bool
+    ) -> Op[list[PushResult] | list[str]]:
+        params = {
+            "id": uuid7(),
+            "queue": job.queue,
+            "func": job.func,
+            "kwargs": dumps(job.kwargs, f"kwargs of {job.func}"),
+            "meta": dumps(job.meta, f"meta of {job.func}") if job.meta else "{}",
+            "limits": json.dumps([limit.to_dict() for limit in job.limits]) if job.limits else "[]",
+            "priority": job.priority,
+            "max_attempts": job.max_attempts,
+            "unique_key": job.unique_key,
+            "scheduled_at": job.scheduled_at,
+            "require_queues": require_queues,
+            "notify": notify,
+            "channel": self.channel,
+        }
+        rows = yield self.q("push_job_one"), params
+        if not rows:
+            return [job.queue]
+        return [PushResult(Reference(rows[0]["id"]), bool(rows[0]["inserted"]))]
 
     def fetch_jobs(self, queue: str, worker_id: str, limit: int) -> Op[list[QueuedJob]]:
         """Claim up to ``limit`` due jobs of ``queue``, highest priority then oldest first."""

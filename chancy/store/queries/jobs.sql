@@ -37,6 +37,29 @@ SELECT NULL, i.id, i.unique_key, i.inserted FROM inserted AS i
 UNION ALL
 SELECT NULL, NULL, NULL, NULL FROM (SELECT count(*) AS n FROM notified) AS c WHERE c.n < 0
 
+-- name: push_job_one
+-- The single-job form of push_jobs_many (the common case): no arrays to unnest. No row
+-- comes back when the queue is unknown.
+WITH inserted AS (
+    INSERT INTO {jobs} AS j (
+        id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key, scheduled_at
+    )
+    SELECT %(id)s, %(queue)s, %(func)s, %(kwargs)s::jsonb, %(meta)s::jsonb, %(limits)s::jsonb,
+           %(priority)s, %(max_attempts)s, %(unique_key)s,
+           coalesce(%(scheduled_at)s::timestamptz, now())
+    WHERE NOT %(require_queues)s
+       OR EXISTS (SELECT 1 FROM {queues} AS known WHERE known.name = %(queue)s)
+    ON CONFLICT (unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('pending', 'running', 'retrying')
+        DO UPDATE SET unique_key = EXCLUDED.unique_key
+    RETURNING j.id, j.queue, (j.xmax = 0) AS inserted, j.scheduled_at <= now() AS due
+)
+SELECT i.id, i.inserted,
+       CASE WHEN %(notify)s AND i.inserted AND i.due THEN pg_notify(
+           %(channel)s, json_build_object('e', 'pushed', 'q', i.queue)::text)::text
+       END AS notified
+FROM inserted AS i
+
 -- name: fetch_jobs_many
 -- Claims up to %(limit)s due jobs of one queue for one worker, highest priority then
 -- oldest first, counting the attempt now (migration 0002 explains the function).
