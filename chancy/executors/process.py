@@ -16,8 +16,11 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import select
 import signal
 import sys
+import threading
+import time
 import traceback
 from types import FrameType
 from typing import Any
@@ -118,7 +121,7 @@ class ProcessExecutor(Executor):
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(  # type: ignore[attr-defined]
             target=child_main,
-            args=(child_conn, list(sys.path)),
+            args=(child_conn, list(sys.path), os.getpid()),
             name=f"chancy-{self.queue.name}",
             daemon=True,
         )
@@ -226,9 +229,12 @@ def _raise_timeout(signum: int, frame: FrameType | None) -> None:
     raise JobTimeoutError("job exceeded its time limit")
 
 
-def child_main(conn: multiprocessing.connection.Connection, path: list[str]) -> None:
+def child_main(
+    conn: multiprocessing.connection.Connection, path: list[str], worker_pid: int
+) -> None:
     """Serve jobs sent by the worker over ``conn`` until it closes."""
     sys.path[:] = path
+    threading.Thread(target=_exit_with_worker, args=(worker_pid,), daemon=True).start()
     # Ctrl-C and a stop signal sent to the whole process group (as systemd does) are for
     # the worker, which decides when its children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -247,6 +253,26 @@ def child_main(conn: multiprocessing.connection.Connection, path: list[str]) -> 
             conn.send_bytes(json.dumps(reply).encode())
         except (OSError, ValueError):
             return
+
+
+def _exit_with_worker(worker_pid: int) -> None:
+    """Exit as soon as the worker dies: a job must not run on after its worker was
+    killed, or it would run twice once another worker recovers it."""
+    try:
+        pidfd = os.pidfd_open(worker_pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    if pidfd is not None:
+        select.select([pidfd], [], [])  # readable once the process has exited
+        os._exit(70)
+    while True:
+        time.sleep(0.5)
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            os._exit(70)
+        except PermissionError:
+            pass
 
 
 def _child_run(message: dict[str, Any], resource: Any) -> dict[str, Any]:

@@ -140,6 +140,9 @@ WITH orphaned AS (
     SELECT j.id
     FROM {jobs} AS j
     WHERE j.state = 'running'
+      -- The leader is alive whatever its heartbeat row says (a late heartbeat must not
+      -- make it take back the jobs it is running).
+      AND j.taken_by <> %(leader)s
       -- Only the current leaseholder acts, even if it was paused since it last checked.
       AND EXISTS (
           SELECT 1 FROM {leader} AS l
