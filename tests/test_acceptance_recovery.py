@@ -119,11 +119,6 @@ def session_processes(session: int) -> list[int]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: process-executor children outlive a kill -9 of their worker and keep "
-    "running the job beside its recovered retry",
-)
 async def test_kill_9_worker_leaves_no_job_process_running(
     chancy: Chancy, workers: Workers, tmp_path: Path
 ) -> None:
@@ -332,11 +327,6 @@ async def test_frozen_ex_leader_does_not_act_before_checking_its_lease(
     leader.send(signal.SIGCONT)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the leader's Recovery hands back its own running jobs when its own "
-    "heartbeat write is late, although it knows they are running",
-)
 async def test_leader_never_recovers_its_own_running_jobs(
     chancy: Chancy, workers: Workers, tmp_path: Path
 ) -> None:
