@@ -675,6 +675,12 @@ class Worker:
             for ref, job in list(executor.running.items()):
                 executor.report(job, Kind.INTERRUPTED, error="worker shut down")
                 del ref
+        # A batch the completion loop is still writing must not be lost: stop the loop
+        # (a cancelled write puts its batch back) and write everything here.
+        completions = [task for task in self._tasks if task.get_name() == "completions"]
+        for task in completions:
+            task.cancel()
+        await asyncio.gather(*completions, return_exceptions=True)
         await self._flush_with_retry()
         # Heartbeats ran until now so that no one recovered jobs still finishing here.
         for task in self._tasks:

@@ -29,14 +29,6 @@ from tests.proc import (
     worker_row,
 )
 
-#: The last outcome of a clean stop can be lost (the job stays 'running' and is recovered):
-#: pinned deterministically by test_sigterm_waits_for_a_completion_that_is_slow_to_write.
-#: Until that bug is fixed the tests below that stop a worker with a finishing job fail
-#: now and then; remove this marker together with that test's xfail.
-FINAL_FLUSH_RACE = pytest.mark.xfail(
-    strict=False, reason="flaky until the final-flush race on shutdown is fixed"
-)
-
 EXECUTORS = [
     pytest.param(Chancy.Executor.Process, id="process"),
     pytest.param(Chancy.Executor.Threaded, id="threaded"),
@@ -81,7 +73,6 @@ async def push_slow_first(
 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
-@FINAL_FLUSH_RACE
 async def test_sigterm_lets_running_jobs_finish_exactly_once(
     chancy: Chancy, workers: Workers, tmp_path: Path, executor: str
 ) -> None:
@@ -116,18 +107,9 @@ async def test_sigterm_lets_running_jobs_finish_exactly_once(
 @pytest.mark.parametrize(
     "executor",
     [
-        pytest.param(Chancy.Executor.Process, id="process", marks=FINAL_FLUSH_RACE),
-        pytest.param(Chancy.Executor.Threaded, id="threaded", marks=FINAL_FLUSH_RACE),
-        pytest.param(
-            Chancy.Executor.Async,
-            id="async",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="bug: the async executor runs plain functions with asyncio.to_thread, "
-                "and asyncio.run() waits for the default executor's threads at exit, so the "
-                "worker hangs until the interrupted job returns",
-            ),
-        ),
+        pytest.param(Chancy.Executor.Process, id="process"),
+        pytest.param(Chancy.Executor.Threaded, id="threaded"),
+        pytest.param(Chancy.Executor.Async, id="async"),
     ],
 )
 async def test_sigterm_hands_back_jobs_longer_than_shutdown_timeout(
@@ -156,7 +138,6 @@ async def test_sigterm_hands_back_jobs_longer_than_shutdown_timeout(
     assert await worker_row(chancy, worker.worker_id) is None
 
 
-@FINAL_FLUSH_RACE
 async def test_sigterm_kills_a_job_that_ignores_the_interrupt_after_kill_grace(
     chancy: Chancy, workers: Workers, tmp_path: Path
 ) -> None:
@@ -236,7 +217,6 @@ async def test_second_signal_exits_at_once_and_leaves_jobs_to_recovery(
         assert "WorkerDiedError" in row["errors"][0]["traceback"]
 
 
-@FINAL_FLUSH_RACE
 async def test_worker_keeps_heartbeating_while_it_finishes_jobs_on_shutdown(
     chancy: Chancy, workers: Workers, tmp_path: Path
 ) -> None:
@@ -269,7 +249,6 @@ async def test_worker_keeps_heartbeating_while_it_finishes_jobs_on_shutdown(
     )
 
 
-@FINAL_FLUSH_RACE
 async def test_sigterm_to_the_process_group_still_lets_jobs_finish(
     chancy: Chancy, workers: Workers, tmp_path: Path
 ) -> None:
@@ -289,12 +268,6 @@ async def test_sigterm_to_the_process_group_still_lets_jobs_finish(
     assert [(r["state"], r["attempts"]) for r in rows] == [("succeeded", 1)] * 2, rows
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: _shutdown's final flush finds nothing while the completion loop is still "
-    "writing the last batch, then cancels that write and removes the worker row: the job "
-    "stays 'running', is recovered and runs again (with the fix, drop FINAL_FLUSH_RACE too)",
-)
 async def test_sigterm_waits_for_a_completion_that_is_slow_to_write(
     chancy: Chancy, workers: Workers, tmp_path: Path
 ) -> None:

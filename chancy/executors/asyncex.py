@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import functools
 import inspect
 import traceback
@@ -17,6 +19,7 @@ from chancy.executors.base import (
     prepare_call,
     time_limit,
 )
+from chancy.executors.thread import ElasticThreadPool
 from chancy.job import QueuedJob, Reference
 
 
@@ -32,6 +35,9 @@ class AsyncExecutor(Executor):
         super().__init__(*args, **kwargs)
         self._tasks: dict[Reference, asyncio.Task[None]] = {}
         self._why: dict[Reference, Kind] = {}
+        # Plain functions run on our own daemon threads: the default executor would make
+        # asyncio.run() wait for a stuck job at exit.
+        self._threads = ElasticThreadPool(f"chancy-async-{self.queue.name}")
 
     async def start_job(self, job: QueuedJob) -> None:
         self._tasks[job.id] = asyncio.create_task(self._run(job))
@@ -43,7 +49,7 @@ class AsyncExecutor(Executor):
             if is_async(func):
                 call = func(**kwargs)
             else:
-                call = asyncio.to_thread(func, **kwargs)
+                call = self._call_in_thread(func, kwargs)
             seconds = time_limit(job)
             if seconds is None:
                 result = await call
@@ -65,6 +71,35 @@ class AsyncExecutor(Executor):
             self.report(job, Kind.SUCCEEDED, result=result, meta=dict(job.meta))
         finally:
             self._tasks.pop(job.id, None)
+
+    async def _call_in_thread(self, func: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        context = contextvars.copy_context()
+
+        def settle(error: BaseException | None, result: Any) -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def run() -> None:
+            error: BaseException | None = None
+            result: Any = None
+            try:
+                result = context.run(func, **kwargs)
+            except BaseException as exc:  # handed to the awaiting task
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(settle, error, result)
+
+        self._threads.submit(run)
+        return await future
+
+    async def stop(self) -> None:
+        self._threads.shutdown()
 
     async def interrupt(self, ref: Reference, kind: Kind) -> None:
         task = self._tasks.get(ref)
