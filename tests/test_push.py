@@ -234,3 +234,19 @@ async def test_bulk_push_mixed_fields_round_trip(app: Chancy) -> None:
     assert [j.priority for j in got] == [PRIORITY_MAX, PRIORITY_MIN, 0, 0]
     assert got[1].scheduled_at == when and got[2].unique_key == "mixed"
     assert got[2].meta == {"k": [1, 2]} and got[3].kwargs == jobs[3].kwargs
+
+
+async def test_declare_ex_in_callers_transaction(chancy: Chancy, dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        async with conn.transaction():
+            queue = await chancy.declare_ex(conn, Queue("tx", concurrency=2))
+            assert queue.concurrency == 2
+            ref = await chancy.push_ex(conn, Job(func="tests.jobs.noop", queue="tx"))
+            assert await chancy.get_queue("tx") is None  # not committed yet
+    assert (await chancy.get_queue("tx")) is not None
+    assert (await chancy.get_job(ref)) is not None
+    with psycopg.connect(dsn) as sync_conn:
+        same = chancy.sync_declare_ex(sync_conn, Queue("tx", concurrency=5))
+        assert same.concurrency == 2  # no upsert: the stored queue wins
+        changed = chancy.sync_declare_ex(sync_conn, Queue("tx", concurrency=5), upsert=True)
+        assert changed.concurrency == 5
