@@ -459,3 +459,13 @@ async def test_claims_never_exceed_concurrency_while_outcomes_are_unwritten(
             await asyncio.sleep(0.01)
         jobs = await done
     assert len(jobs) == 40 and peak <= 3
+
+
+@pytest.mark.parametrize("executor", ALL_EXECUTORS)
+async def test_unserialisable_result_is_stored_as_its_repr(chancy: Chancy, executor: str) -> None:
+    await chancy.declare(Queue("q", executor=executor))
+    async with serving(chancy):
+        ref = await chancy.push(Job(func="tests.jobs.not_json", queue="q"))
+        job = await chancy.wait_for_job(ref, timeout=20)
+    assert job is not None and job.state == "succeeded"
+    assert isinstance(job.result, str) and job.result.startswith("<object object at")

@@ -481,7 +481,7 @@ class Store:
 
 def _dumps_lenient(value: Any) -> str | None:
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=str)
+        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=repr)
     except (TypeError, ValueError):
         return None
 
