@@ -101,3 +101,7 @@ def not_json() -> object:
 @job(queue="decorated", max_attempts=3)
 def decorated_add(a: int, b: int = 2) -> int:
     return a + b
+
+
+def nan() -> float:
+    return float("nan")

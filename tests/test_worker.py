@@ -466,6 +466,9 @@ async def test_unserialisable_result_is_stored_as_its_repr(chancy: Chancy, execu
     await chancy.declare(Queue("q", executor=executor))
     async with serving(chancy):
         ref = await chancy.push(Job(func="tests.jobs.not_json", queue="q"))
+        nan = await chancy.push(Job(func="tests.jobs.nan", queue="q"))
         job = await chancy.wait_for_job(ref, timeout=20)
+        nan_job = await chancy.wait_for_job(nan, timeout=20)
     assert job is not None and job.state == "succeeded"
     assert isinstance(job.result, str) and job.result.startswith("<object object at")
+    assert nan_job is not None and nan_job.state == "succeeded" and nan_job.result == "nan"

@@ -479,11 +479,12 @@ class Store:
         return rows[0] if rows else None
 
 
-def _dumps_lenient(value: Any) -> str | None:
+def _dumps_lenient(value: Any) -> str:
+    """JSON for a job's result or meta; what JSON cannot hold is kept as its repr."""
     try:
         return json.dumps(value, separators=(",", ":"), allow_nan=False, default=repr)
-    except (TypeError, ValueError):
-        return None
+    except (TypeError, ValueError):  # NaN/inf, circular structures
+        return json.dumps(repr(value))
 
 
 def row_to_job(row: Row) -> QueuedJob:
