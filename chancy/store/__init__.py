@@ -295,9 +295,7 @@ class Store:
             "meta": [None if o.meta is None else _dumps_lenient(o.meta) for o in outcomes],
             "result": [None if o.result is None else _dumps_lenient(o.result) for o in outcomes],
         }
-        # Not prepared: on a young table a generic plan walks every running job of the
-        # worker for each outcome instead of looking outcomes up by id.
-        rows = yield self.q("complete_jobs_batch"), params, False
+        rows = yield self.q("complete_jobs_batch"), params
         return {Reference(r["id"]) for r in rows}
 
     def get_jobs(self, refs: Iterable[Reference | str | uuid.UUID]) -> Op[list[QueuedJob]]:

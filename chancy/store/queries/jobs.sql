@@ -79,14 +79,20 @@ SET state = o.state,
                   ELSE j.errors || jsonb_build_array(o.error::jsonb) END,
     meta = coalesce(o.meta::jsonb, j.meta),
     result = o.result::jsonb
-FROM unnest(
-    %(id)b::uuid[], %(attempt)b::integer[], %(state)b::text[], %(delay)b::float8[],
-    %(refund)b::integer[], %(error)b::text[], %(meta)b::text[], %(result)b::text[]
-) AS o(id, attempt, state, delay, refund, error, meta, result)
+FROM (
+    SELECT *
+    FROM unnest(
+        %(id)b::uuid[], %(attempt)b::integer[], %(state)b::text[], %(delay)b::float8[],
+        %(refund)b::integer[], %(error)b::text[], %(meta)b::text[], %(result)b::text[]
+    ) AS u(id, attempt, state, delay, refund, error, meta, result)
+    OFFSET 0
+) AS o
 WHERE j.id = o.id
   AND j.state = 'running'
   AND j.attempts = o.attempt
-  AND j.taken_by = %(worker_id)s
+  -- Written so that no index on taken_by can serve it: every plan, even a generic one on
+  -- a table without statistics, must look outcomes up by primary key.
+  AND (j.taken_by = %(worker_id)s) IS TRUE
 RETURNING j.id
 
 -- name: select_jobs_many
