@@ -510,8 +510,12 @@ class Chancy:
         )
 
     async def retry_job(self, ref: RefLike) -> bool:
-        """Run a finished (failed, cancelled or succeeded) job again now."""
-        return await self._run(self.store.retry_job(Reference(ref)))
+        """Run a finished (failed, cancelled or succeeded) job again now. Returns False if
+        the job is not finished, or another live job holds its ``unique_key``."""
+        try:
+            return await self._run(self.store.retry_job(Reference(ref)))
+        except psycopg.errors.UniqueViolation:  # a duplicate was pushed concurrently
+            return False
 
 
 def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:

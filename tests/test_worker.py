@@ -472,3 +472,16 @@ async def test_unserialisable_result_is_stored_as_its_repr(chancy: Chancy, execu
     assert job is not None and job.state == "succeeded"
     assert isinstance(job.result, str) and job.result.startswith("<object object at")
     assert nan_job is not None and nan_job.state == "succeeded" and nan_job.result == "nan"
+
+
+async def test_retry_job_respects_a_live_unique_key(chancy: Chancy) -> None:
+    await chancy.declare(Queue("q"))
+    first = await chancy.push(Job(func="tests.jobs.noop", queue="q", unique_key="k"))
+    assert await chancy.cancel_job(first)
+    second = await chancy.push(Job(func="tests.jobs.noop", queue="q", unique_key="k"))
+    assert second != first
+    assert not await chancy.retry_job(first)  # "k" is taken by the live second job
+    assert await chancy.cancel_job(second)
+    assert await chancy.retry_job(first)
+    job = await chancy.get_job(first)
+    assert job is not None and job.state == "pending"

@@ -127,12 +127,19 @@ SELECT c.id, c.previous_state, c.taken_by,
 FROM cancelled AS c
 
 -- name: retry_job_one
--- Puts a finished job back in line now, allowing one more attempt than it has used.
-UPDATE {jobs}
+-- Puts a finished job back in line now, allowing one more attempt than it has used; not
+-- while another live job holds its unique key.
+UPDATE {jobs} AS j
 SET state = 'pending', scheduled_at = now(), completed_at = NULL,
-    max_attempts = greatest(max_attempts, attempts + 1)
-WHERE id = %(id)s AND state IN ('failed', 'cancelled', 'succeeded')
-RETURNING id
+    max_attempts = greatest(j.max_attempts, j.attempts + 1)
+WHERE j.id = %(id)s
+  AND j.state IN ('failed', 'cancelled', 'succeeded')
+  AND NOT EXISTS (
+      SELECT 1 FROM {jobs} AS other
+      WHERE j.unique_key IS NOT NULL AND other.unique_key = j.unique_key
+        AND other.state IN ('pending', 'running', 'retrying') AND other.id <> j.id
+  )
+RETURNING j.id
 
 -- name: select_cancelled_among_many
 -- Which of a worker's running jobs were cancelled (the polling fallback for NOTIFY).
