@@ -309,8 +309,10 @@ class Chancy:
 
     async def pause_queue(self, name: str, *, resume_at: dt.datetime | None = None) -> Queue:
         """Stop workers from fetching ``name``; optionally resume at ``resume_at``."""
-        if resume_at is not None and resume_at.utcoffset() is None:
-            raise QueueValidationError("resume_at must be timezone-aware")
+        if resume_at is not None and (
+            not isinstance(resume_at, dt.datetime) or resume_at.utcoffset() is None
+        ):
+            raise QueueValidationError("resume_at must be a timezone-aware datetime")
         return await self._set_queue_state(name, Queue.State.PAUSED, resume_at)
 
     async def resume_queue(self, name: str) -> Queue:
@@ -477,7 +479,10 @@ class Chancy:
     ) -> list[QueuedJob]:
         """Wait until every job is in ``states`` (default: finished) or deleted; returns
         the jobs that still exist. Polls at most every ``interval`` seconds, starting fast."""
-        wanted = {QueuedJob.State(s) for s in states} if states else set(FINISHED_STATES)
+        try:
+            wanted = {QueuedJob.State(s) for s in states} if states else set(FINISHED_STATES)
+        except ValueError as exc:
+            raise JobValidationError(f"unknown job state: {exc}") from None
         pending = {Reference(r) for r in refs}
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = min(0.01, interval)

@@ -129,8 +129,14 @@ class Limit:
             kind = Limit.Type(type)
         except ValueError:
             raise JobValidationError(f"unknown limit type {type!r}: use time or memory") from None
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
-            raise JobValidationError(f"{kind.value} limit must be a positive number, not {value!r}")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not 0 < value < float("inf")
+        ):
+            raise JobValidationError(
+                f"{kind.value} limit must be a positive finite number, not {value!r}"
+            )
         if kind is Limit.Type.MEMORY and not float(value).is_integer():
             raise JobValidationError("memory limit must be a whole number of bytes")
         object.__setattr__(self, "type", kind)
@@ -147,7 +153,7 @@ class Limit:
 
 
 def _check_job_fields(job: Job) -> None:
-    if not isinstance(job.func, str) or not _FUNC_RE.match(job.func):
+    if not isinstance(job.func, str) or len(job.func) > 1000 or not _FUNC_RE.match(job.func):
         raise InvalidNameError(
             f"invalid job function {job.func!r}: expected an import path like 'module.function'"
         )
@@ -176,9 +182,13 @@ def _check_job_fields(job: Job) -> None:
     if not all(isinstance(limit, Limit) for limit in job.limits):
         raise JobValidationError("limits must be Limit instances")
     if job.unique_key is not None and (
-        not isinstance(job.unique_key, str) or not 0 < len(job.unique_key) <= 1024
+        not isinstance(job.unique_key, str)
+        or not 0 < len(job.unique_key) <= 1024
+        or "\x00" in job.unique_key
     ):
-        raise JobValidationError("unique_key must be a non-empty str of at most 1024 characters")
+        raise JobValidationError(
+            "unique_key must be a non-empty str of at most 1024 characters, without NUL"
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import enum
+import json
 import re
 from collections.abc import Mapping
 from typing import Any
 
 from chancy.errors import QueueValidationError
 from chancy.job import validate_queue_name
+
+_INT32_MAX = 2**31 - 1
 
 #: Import path of the default executor (a pool of processes).
 DEFAULT_EXECUTOR = "chancy.executors.process.ProcessExecutor"
@@ -58,7 +61,9 @@ class Queue:
     ) -> None:
         validate_queue_name(name)
         if concurrency is not None and (
-            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+            isinstance(concurrency, bool)
+            or not isinstance(concurrency, int)
+            or not 1 <= concurrency <= _INT32_MAX
         ):
             raise QueueValidationError(f"concurrency must be a positive int, not {concurrency!r}")
         tag_set = frozenset({".*"} if tags is None else tags)
@@ -72,13 +77,21 @@ class Queue:
         except ValueError:
             raise QueueValidationError(f"unknown queue state {state!r}") from None
         executor_path = _executor_path(executor)
+        try:
+            json.dumps(dict(executor_options or {}), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise QueueValidationError(f"executor_options must be JSON: {exc}") from None
         if not (isinstance(polling_interval, int | float) and polling_interval > 0):
             raise QueueValidationError("polling_interval must be a positive number of seconds")
         if (rate_limit is None) != (rate_limit_window is None):
             raise QueueValidationError("rate_limit and rate_limit_window go together")
         for label, value in (("rate_limit", rate_limit), ("rate_limit_window", rate_limit_window)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise QueueValidationError(f"{label} must be a positive int")
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 1 <= value <= _INT32_MAX
+            ):
+                raise QueueValidationError(f"{label} must be an int from 1 to {_INT32_MAX}")
         if resume_at is not None and (
             not isinstance(resume_at, dt.datetime) or resume_at.utcoffset() is None
         ):

@@ -108,7 +108,7 @@ class Worker:
         self._pending_hooks: set[asyncio.Future[None]] = set()
         self._meta_snapshots: dict[Reference, str] = {}
         # Jobs fetched by this worker whose outcome is not yet written.
-        self._claimed: set[Reference] = set()
+        self._claimed: set[tuple[Reference, int]] = set()
         self._unrecorded: collections.Counter[str] = collections.Counter()
         self._job_plugins: list[Plugin] = []
         self._completion_plugins: list[Plugin] = []
@@ -331,7 +331,11 @@ class Worker:
         they would stay ``running`` for as long as this worker heartbeats."""
         age = max(2 * self.heartbeat_poll_interval, 1.0)
         claimed = await self.run_op(self.chancy.store.running_of_worker(self.worker_id, age))
-        lost = {ref: attempts for ref, attempts in claimed.items() if ref not in self._claimed}
+        lost = {
+            ref: attempts
+            for ref, attempts in claimed.items()
+            if (ref, attempts) not in self._claimed
+        }
         if not lost:
             return
         found = await self.run_op(self.chancy.store.get_jobs(lost))
@@ -343,7 +347,7 @@ class Worker:
                 error="chancy.errors.ChancyError: claim lost before the job started; handed back",
             )
             for job in found
-            if job.attempts == lost[job.id] and job.id not in self._claimed
+            if job.attempts == lost[job.id] and (job.id, job.attempts) not in self._claimed
         ]
         if outcomes:
             self.log.warning(
@@ -499,10 +503,9 @@ class Worker:
             wake.clear()
             jobs = await self._record_and_fetch(name, free)
             for job in jobs:
-                self._claimed.add(job.id)
+                self._claimed.add((job.id, job.attempts))
                 self._unrecorded[name] += 1
-            for job in jobs:
-                await self._dispatch(executor, job)
+            await self._dispatch_all(executor, jobs)
             if len(jobs) < free and not self.stopping.is_set():
                 await self._sleep(queue.polling_interval, wake)
 
@@ -525,12 +528,33 @@ class Worker:
         self._recorded(batch)
         return jobs  # type: ignore[no-any-return]
 
+    async def _dispatch_all(self, executor: Executor, jobs: list[QueuedJob]) -> None:
+        """Start claimed jobs; any not started (the runner was cancelled) go back."""
+        waiting = list(jobs)
+        try:
+            while waiting:
+                await self._dispatch(executor, waiting.pop(0))
+        finally:
+            for job in waiting:
+                self._queue_outcome(Outcome(job, "pending", refund=True))
+
     async def _dispatch(self, executor: Executor, job: QueuedJob) -> None:
+        if self._force:
+            return
         if job.meta:
             self._meta_snapshots[job.id] = _meta_key(job.meta)
-        for plugin in self._job_plugins:
-            job = await plugin.on_job_starting(self, job)
-        if self.stopping.is_set() and self._force:
+        claimed = job
+        try:
+            for plugin in self._job_plugins:
+                job = await plugin.on_job_starting(self, job)
+        except asyncio.CancelledError:
+            self._meta_snapshots.pop(claimed.id, None)
+            self._queue_outcome(Outcome(claimed, "pending", refund=True))
+            raise
+        except Exception:
+            self.log.exception("worker %s: on_job_starting failed for %s", self.worker_id, job.id)
+            error = "chancy.errors.ChancyError: a plugin failed before the job started\n"
+            self._queue_outcome(self._outcome_for(Execution(claimed, Kind.ERROR, error=error)))
             return
         await executor.push(job)
         self.hub.emit("job.started", job)
@@ -629,7 +653,7 @@ class Worker:
             return
         recorded = collections.Counter(outcome.job.queue for outcome in batch)
         for outcome in batch:
-            self._claimed.discard(outcome.job.id)
+            self._claimed.discard((outcome.job.id, outcome.job.attempts))
         for queue_name, count in recorded.items():
             self._unrecorded[queue_name] = max(self._unrecorded[queue_name] - count, 0)
             executor = self.executors.get(queue_name)

@@ -105,3 +105,25 @@ def decorated_add(a: int, b: int = 2) -> int:
 
 def nan() -> float:
     return float("nan")
+
+
+def nul_output(*, job: QueuedJob) -> str:
+    job.meta["note"] = "x\x00y"
+    if job.attempts == 1:
+        raise ValueError("bad \x00 byte")
+    return "a\x00b"
+
+
+def sleep_first_attempt(seconds: float, *, job: QueuedJob) -> int:
+    """The first attempt sleeps ``seconds`` (past its time limit); the retry sleeps half
+    as long, so the first attempt's thread returns while the retry still runs."""
+    if job.attempts == 1:
+        time.sleep(seconds)
+        EVENTS.setdefault(f"first-attempt-{job.id}", threading.Event()).set()
+    else:
+        time.sleep(seconds / 2)
+    return job.attempts
+
+
+def fail_starting(**kwargs: Any) -> None:
+    return None

@@ -67,6 +67,8 @@ def test_with_methods_return_copies() -> None:
         ({"func": "m.f", "kwargs": ["x"]}, JobValidationError),
         ({"func": "m.f", "unique_key": ""}, JobValidationError),
         ({"func": "m.f", "limits": ["10s"]}, JobValidationError),
+        ({"func": "m." + "f" * 1000}, InvalidNameError),
+        ({"func": "m.f", "unique_key": "a\x00b"}, JobValidationError),
     ],
 )
 def test_invalid_job_fields_raise_typed_errors(fields: dict[str, object], error: type) -> None:
@@ -81,7 +83,16 @@ def test_priority_bounds_are_accepted() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "value"), [("time", 0), ("time", -1), ("memory", 1.5), ("speed", 1), ("time", "1")]
+    ("kind", "value"),
+    [
+        ("time", 0),
+        ("time", -1),
+        ("memory", 1.5),
+        ("speed", 1),
+        ("time", "1"),
+        ("time", float("inf")),
+        ("time", float("nan")),
+    ],
 )
 def test_invalid_limits(kind: str, value: object) -> None:
     with pytest.raises(JobValidationError):
@@ -155,6 +166,9 @@ def test_queued_job_is_a_job() -> None:
         {"rate_limit": 0, "rate_limit_window": 1},
         {"resume_at": dt.datetime(2030, 1, 1)},
         {"executor": "nodots"},
+        {"concurrency": 2**40},
+        {"rate_limit": 2**40, "rate_limit_window": 1},
+        {"executor_options": {"x": object()}},
     ],
 )
 def test_invalid_queue_fields(kwargs: dict[str, object]) -> None:

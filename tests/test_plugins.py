@@ -222,7 +222,7 @@ def test_retry_delay_is_exponential_capped_with_jitter() -> None:
     delays = [plugin.delay_for(2, custom) for _ in range(50)]
     assert all(10 <= d <= 11 for d in delays) and len(set(delays)) > 1
     assert 20 <= plugin.delay_for(9, custom) <= 22
-    with pytest.raises(TypeError):
+    with pytest.raises(ConfigurationError):
         RetryPlugin(backof=1)
 
 

@@ -250,3 +250,28 @@ async def test_declare_ex_in_callers_transaction(chancy: Chancy, dsn: str) -> No
         assert same.concurrency == 2  # no upsert: the stored queue wins
         changed = chancy.sync_declare_ex(sync_conn, Queue("tx", concurrency=5), upsert=True)
         assert changed.concurrency == 5
+
+
+async def test_nul_in_kwargs_is_refused_before_sql(app: Chancy, dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        async with conn.transaction():
+            with pytest.raises(JobArgumentsError, match="NUL"):
+                await app.push_ex(conn, Job(func="m.f", kwargs={"s": "a\x00b"}))
+            with pytest.raises(JobArgumentsError, match="NUL"):
+                await app.push_ex(conn, Job(func="m.f", meta={"s": "\x00"}))
+            # A literal backslash-u0000 is ordinary text and round-trips.
+            ref = await app.push_ex(conn, Job(func="m.f", kwargs={"s": "\\u0000"}))
+    stored = await app.get_job(ref)
+    assert stored is not None and stored.kwargs == {"s": "\\u0000"}
+
+
+async def test_typed_errors_for_bad_arguments(app: Chancy) -> None:
+    from chancy.errors import ChancyError
+
+    ref = await app.push(Job(func="tests.jobs.noop"))
+    with pytest.raises(ChancyError):
+        await app.wait_for_job(ref, states=["bogus"], timeout=1)
+    with pytest.raises(ChancyError):
+        await app.pause_queue("default", resume_at="2030-01-01")  # type: ignore[arg-type]
+    with pytest.raises(ChancyError):
+        await app.migrate(to_version=99)

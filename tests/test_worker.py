@@ -485,3 +485,67 @@ async def test_retry_job_respects_a_live_unique_key(chancy: Chancy) -> None:
     assert await chancy.retry_job(first)
     job = await chancy.get_job(first)
     assert job is not None and job.state == "pending"
+
+
+@pytest.mark.parametrize("executor", ALL_EXECUTORS)
+async def test_output_the_database_cannot_store_does_not_stall_the_worker(
+    chancy: Chancy, executor: str
+) -> None:
+    await chancy.declare(Queue("q", executor=executor))
+    await chancy.declare(Queue("other", executor=Chancy.Executor.Async))
+    async with serving(chancy):
+        bad = await chancy.push(Job(func="tests.jobs.nul_output", queue="q", max_attempts=2))
+        job = await chancy.wait_for_job(bad, timeout=20)
+        after = await chancy.push(Job(func="tests.jobs.noop", queue="other"))
+        later = await chancy.wait_for_job(after, timeout=10)
+    assert job is not None and job.state == "succeeded" and job.result == "a\ufffdb"
+    assert "bad \ufffd byte" in job.errors[0]["traceback"]
+    assert job.meta == {"note": "x\ufffdy"}
+    assert later is not None and later.state == "succeeded"
+
+
+async def test_late_result_of_a_timed_out_thread_does_not_touch_its_retry(
+    chancy: Chancy,
+) -> None:
+    await chancy.declare(Queue("q", executor=Chancy.Executor.Threaded, concurrency=2))
+    async with serving(chancy) as worker:
+        ref = await chancy.push(
+            Job(
+                func="tests.jobs.sleep_first_attempt",
+                queue="q",
+                kwargs={"seconds": 1.5},
+                max_attempts=3,
+                limits=[Limit(Limit.Type.TIME, 1.0)],
+            )
+        )
+        job = await chancy.wait_for_job(ref, timeout=15)
+        # The first attempt's thread returns later; its result must change nothing.
+        from tests.jobs import EVENTS
+
+        await poll(lambda: f"first-attempt-{ref}" in EVENTS, timeout=5)
+        await poll(lambda: not worker.executors["q"].running, timeout=5)
+        await worker.flush_outcomes()
+        again = await chancy.get_job(ref)
+    assert job is not None and job.state == "succeeded" and job.result == 2
+    assert again is not None and again.state == "succeeded" and again.attempts == 2
+
+
+async def test_a_failing_plugin_hook_fails_only_that_job(dsn: str) -> None:
+    from chancy.plugin import Plugin
+
+    class Picky(Plugin):
+        async def on_job_starting(self, worker: Worker, job: QueuedJob) -> QueuedJob:
+            if job.func.endswith("fail_starting"):
+                raise RuntimeError("no")
+            return job
+
+    async with Chancy(dsn, plugins=[Picky()]) as app:
+        await app.migrate()
+        await app.declare(Queue("q", executor=Chancy.Executor.Async))
+        async with serving(app) as worker:
+            bad = await app.push(Job(func="tests.jobs.fail_starting", queue="q"))
+            good = await app.push(Job(func="tests.jobs.noop", queue="q"))
+            jobs = {j.id: j for j in await app.wait_for_jobs([bad, good], timeout=10)}
+            assert not worker.executors["q"].running
+    assert jobs[bad].state == "failed" and "plugin failed" in jobs[bad].errors[0]["traceback"]
+    assert jobs[good].state == "succeeded"

@@ -81,6 +81,10 @@ class Executor(abc.ABC):
         self.idle.clear()
         try:
             await self.start_job(job)
+        except asyncio.CancelledError:
+            # Stopped while starting (the queue is being reconfigured): hand it back.
+            self.report(job, Kind.INTERRUPTED, error=interrupt_message(Kind.INTERRUPTED, job))
+            raise
         except Exception:
             self.report(job, Kind.ERROR, error=traceback.format_exc())
 
@@ -108,9 +112,11 @@ class Executor(abc.ABC):
         )
 
     def report(self, job: QueuedJob, kind: Kind, **fields: Any) -> bool:
-        """Record how ``job`` ended; False (and ignored) if it was already reported."""
-        if self.running.pop(job.id, None) is None:
+        """Record how ``job`` ended; False (and ignored) if it was already reported, or
+        if this is a late report of an earlier attempt whose retry now runs here."""
+        if self.running.get(job.id) is not job:
             return False
+        del self.running[job.id]
         timer = self._deadlines.pop(job.id, None)
         if timer is not None:
             timer.cancel()

@@ -88,6 +88,10 @@ class ProcessExecutor(Executor):
 
     async def start_job(self, job: QueuedJob) -> None:
         child = self._idle.pop() if self._idle else await asyncio.to_thread(self._spawn_sync)
+        if self.running.get(job.id) is not job:
+            # Cancelled or interrupted while the child started: it was reported already.
+            self._idle.append(child)
+            return
         child.job = job
         child.pending_kind = None
         self._busy[job.id] = child
@@ -110,10 +114,19 @@ class ProcessExecutor(Executor):
             child.kill_timer = loop.call_later(
                 seconds + self._kill_grace, self._kill, child, Kind.TIMEOUT
             )
+        payload = json.dumps(message, default=str).encode()
         try:
-            child.conn.send_bytes(json.dumps(message, default=str).encode())
+            child.conn.send_bytes(payload)
         except OSError:
-            self._child_died(child)
+            # An idle child that died meanwhile: the job never reached it, so it gets a
+            # fresh child rather than a "worker died" that would use up an attempt.
+            child.job = None
+            self._busy.pop(job.id, None)
+            self._discard(child)
+            child = await asyncio.to_thread(self._spawn_sync)
+            child.job = job
+            self._busy[job.id] = child
+            child.conn.send_bytes(payload)
 
     def _spawn_sync(self) -> _Child:
         # Runs in a thread so that start-up never blocks the event loop; the reader is

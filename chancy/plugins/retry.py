@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
+from chancy.errors import ConfigurationError
 from chancy.plugin import Plugin
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class RetryPlugin(Plugin):
     def __init__(self, **defaults: Any) -> None:
         unknown = set(defaults) - set(DEFAULTS)
         if unknown:
-            raise TypeError(f"unknown retry settings: {sorted(unknown)}")
+            raise ConfigurationError(f"unknown retry settings: {sorted(unknown)}")
         self.defaults = {**DEFAULTS, **defaults}
 
     @classmethod

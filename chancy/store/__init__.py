@@ -24,7 +24,7 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from chancy.errors import InvalidNameError, JobArgumentsError
+from chancy.errors import ConfigurationError, InvalidNameError, JobArgumentsError
 from chancy.job import Job, Limit, QueuedJob, Reference, uuid7
 from chancy.queue import Queue
 
@@ -79,12 +79,26 @@ def compose(text: str, prefix: str, **slots: sql.Composable) -> sql.Composed:
     return sql.SQL(text).format(**args)
 
 
+#: A JSON \u0000 escape that is not itself an escaped backslash followed by "u0000".
+_JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
+
+
 def dumps(value: Any, what: str) -> str:
     """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise JobArgumentsError(f"{what} must be JSON-serialisable: {exc}") from None
+    if "\\u0000" in encoded and _JSON_NUL.search(encoded):
+        raise JobArgumentsError(f"{what} contains a NUL character, which jsonb cannot store")
+    return encoded
+
+
+def _without_nul(encoded: str) -> str:
+    # Job output is not the caller's to fix: NUL (jsonb cannot store it) becomes U+FFFD.
+    if "\\u0000" not in encoded:
+        return encoded
+    return _JSON_NUL.sub(lambda m: m.group(1) + "\\ufffd", encoded)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,7 +150,7 @@ class Store:
         steps = migration_steps(package)
         target = max(steps, default=0) if to_version is None else to_version
         if target < 0 or (target and target not in steps):
-            raise ValueError(f"no migration {target} for {key}")
+            raise ConfigurationError(f"no migration {target} for {key} (latest: {max(steps)})")
         yield self.q("lock_migrations_xact"), {"lock_name": self.prefix + "migrate"}
         yield self.q("create_versions_table"), None
         rows = yield self.q("select_version_one"), {"key": key}
@@ -192,16 +206,25 @@ class Store:
             )
         }
         # Jobs sharing a unique key within one batch collapse onto the first of them.
+        # Rows go in unique-key order, so two batches sharing keys cannot deadlock; ids
+        # (and so FIFO order) are still given in the caller's order.
         first_with_key: dict[str, int] = {}
         slot_of_job: list[int] = []
-        for job in jobs:
+        ids = [uuid7() for _ in jobs]
+        order = sorted(
+            range(len(jobs)), key=lambda i: (jobs[i].unique_key is None, jobs[i].unique_key or "")
+        )
+        position = {index: rank for rank, index in enumerate(order)}
+        jobs = [jobs[i] for i in order]
+        ids = [ids[i] for i in order]
+        for job, job_id in zip(jobs, ids, strict=True):
             if job.unique_key is not None and job.unique_key in first_with_key:
                 slot_of_job.append(first_with_key[job.unique_key])
                 continue
             if job.unique_key is not None:
                 first_with_key[job.unique_key] = len(columns["id"])
             slot_of_job.append(len(columns["id"]))
-            columns["id"].append(uuid7())
+            columns["id"].append(job_id)
             columns["queue"].append(job.queue)
             columns["func"].append(job.func)
             columns["kwargs"].append(dumps(job.kwargs, f"kwargs of {job.func}"))
@@ -240,7 +263,7 @@ class Store:
                 result = PushResult(result.reference, False)
             seen.add(slot)
             results.append(result)
-        return results
+        return [results[position[i]] for i in range(len(results))]
 
     def _push_one(
         self, job: Job, require_queues: bool, notify: bool
@@ -289,11 +312,12 @@ class Store:
             "error": [
                 None
                 if o.error is None
-                else json.dumps({"attempt": o.job.attempts, "traceback": o.error})
+                else _dumps_lenient({"attempt": o.job.attempts, "traceback": o.error})
                 for o in outcomes
             ],
             "meta": [None if o.meta is None else _dumps_lenient(o.meta) for o in outcomes],
             "result": [None if o.result is None else _dumps_lenient(o.result) for o in outcomes],
+            "started_at": [o.job.started_at for o in outcomes],
         }
         rows = yield self.q("complete_jobs_batch"), params
         return {Reference(r["id"]) for r in rows}
@@ -478,11 +502,13 @@ class Store:
 
 
 def _dumps_lenient(value: Any) -> str:
-    """JSON for a job's result or meta; what JSON cannot hold is kept as its repr."""
+    """JSON for a job's result, meta or error; what JSON (or jsonb) cannot hold is kept
+    as its repr, and NUL characters are replaced."""
     try:
-        return json.dumps(value, separators=(",", ":"), allow_nan=False, default=repr)
+        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False, default=repr)
     except (TypeError, ValueError):  # NaN/inf, circular structures
-        return json.dumps(repr(value))
+        encoded = json.dumps(repr(value))
+    return _without_nul(encoded)
 
 
 def row_to_job(row: Row) -> QueuedJob:

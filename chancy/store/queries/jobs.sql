@@ -66,8 +66,9 @@ FROM inserted AS i
 SELECT * FROM {fetch_jobs}(%(queue)s, %(worker_id)s, %(limit)s)
 
 -- name: complete_jobs_batch
--- Records many outcomes at once. Each row is guarded by its claim (id, attempt, worker,
--- still running): a late outcome from a worker that lost the job changes nothing.
+-- Records many outcomes at once. Each row is guarded by its claim (id, attempt, claim
+-- time, worker, still running): a late outcome from a worker that lost the job, or one
+-- written twice, changes nothing.
 UPDATE {jobs} AS j
 SET state = o.state,
     completed_at = CASE WHEN o.state IN ('succeeded', 'failed', 'cancelled') THEN now() END,
@@ -83,13 +84,17 @@ FROM (
     SELECT *
     FROM unnest(
         %(id)b::uuid[], %(attempt)b::integer[], %(state)b::text[], %(delay)b::float8[],
-        %(refund)b::integer[], %(error)b::text[], %(meta)b::text[], %(result)b::text[]
-    ) AS u(id, attempt, state, delay, refund, error, meta, result)
+        %(refund)b::integer[], %(error)b::text[], %(meta)b::text[], %(result)b::text[],
+        %(started_at)b::timestamptz[]
+    ) AS u(id, attempt, state, delay, refund, error, meta, result, started_at)
     OFFSET 0
 ) AS o
 WHERE j.id = o.id
   AND j.state = 'running'
   AND j.attempts = o.attempt
+  -- started_at is set at claim: it tells this claim from a later one by the same worker
+  -- at the same attempt count (after a refund).
+  AND j.started_at = o.started_at
   -- Written so that no index on taken_by can serve it: every plan, even a generic one on
   -- a table without statistics, must look outcomes up by primary key.
   AND (j.taken_by = %(worker_id)s) IS TRUE
