@@ -66,7 +66,10 @@ def uuid7() -> uuid.UUID:
 
 
 class Reference:
-    """A handle on a pushed job: wraps its UUID, hashable, equal to its str or UUID."""
+    """A handle on a pushed job: wraps its UUID and compares equal to its str or UUID.
+
+    It hashes like its string, so ``{ref: ...}.get(str(ref))`` works (a bare UUID key
+    does not find it)."""
 
     __slots__ = ("_id",)
 
@@ -104,7 +107,8 @@ class Reference:
         return NotImplemented
 
     def __hash__(self) -> int:
-        return hash(self._id)
+        # Hashes as its string, so a dict keyed by references finds str(ref) too.
+        return hash(str(self._id))
 
     def __str__(self) -> str:
         return str(self._id)
@@ -204,13 +208,14 @@ class Job:
     priority: int = 0
     max_attempts: int = 1
     scheduled_at: dt.datetime | None = None
-    limits: tuple[Limit, ...] | list[Limit] = dataclasses.field(default_factory=tuple)
+    limits: list[Limit] = dataclasses.field(default_factory=list)
     unique_key: str | None = None
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.limits, tuple):
-            object.__setattr__(self, "limits", tuple(self.limits))
+        if not isinstance(self.limits, list | tuple):
+            raise JobValidationError("limits must be a list of Limit")
+        object.__setattr__(self, "limits", list(self.limits))
         _check_job_fields(self)
 
     @classmethod
@@ -235,7 +240,7 @@ class Job:
 
     def with_limits(self, limits: list[Limit] | tuple[Limit, ...]) -> Job:
         """A copy with these resource limits."""
-        return self._replace(limits=tuple(limits))
+        return self._replace(limits=list(limits))
 
     def with_kwargs(self, **kwargs: Any) -> Job:
         """A copy whose kwargs are updated with ``kwargs``."""
@@ -278,8 +283,8 @@ class QueuedJob(Job):
 
     def __post_init__(self) -> None:
         # Rows come from the database, which already enforces the invariants.
-        if not isinstance(self.limits, tuple):
-            object.__setattr__(self, "limits", tuple(self.limits))
+        if not isinstance(self.limits, list):
+            object.__setattr__(self, "limits", list(self.limits))
 
     @property
     def is_finished(self) -> bool:

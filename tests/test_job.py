@@ -21,7 +21,7 @@ from chancy.job import PRIORITY_MAX, PRIORITY_MIN, uuid7
 def test_job_defaults_and_immutability() -> None:
     j = Job(func="tests.jobs.add", kwargs={"a": 1})
     assert j.queue == "default" and j.priority == 0 and j.max_attempts == 1
-    assert j.scheduled_at is None and j.limits == () and j.unique_key is None
+    assert j.scheduled_at is None and j.limits == [] and j.unique_key is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         j.priority = 3  # type: ignore[misc]
 
@@ -43,7 +43,7 @@ def test_with_methods_return_copies() -> None:
     assert base == Job(func="tests.jobs.add")
     assert changed.priority == 5 and changed.max_attempts == 3
     assert changed.scheduled_at == when and changed.kwargs == {"a": 1, "b": 2}
-    assert changed.limits == (Limit(Limit.Type.TIME, 10),)
+    assert changed.limits == [Limit(Limit.Type.TIME, 10)]
     assert changed.unique_key == "k" and changed.queue == "other" and changed.meta == {"m": 1}
 
 
@@ -67,6 +67,7 @@ def test_with_methods_return_copies() -> None:
         ({"func": "m.f", "kwargs": ["x"]}, JobValidationError),
         ({"func": "m.f", "unique_key": ""}, JobValidationError),
         ({"func": "m.f", "limits": ["10s"]}, JobValidationError),
+        ({"func": "m.f", "limits": "10s"}, JobValidationError),
         ({"func": "m." + "f" * 1000}, InvalidNameError),
         ({"func": "m.f", "unique_key": "a\x00b"}, JobValidationError),
     ],
@@ -110,6 +111,7 @@ def test_reference_equality_and_hashing() -> None:
     assert ref == raw and ref == str(raw) and ref == Reference(str(raw))
     assert ref != "not-a-uuid" and ref != uuid.uuid4()
     assert len({ref, Reference(raw)}) == 1
+    assert {ref: 1}.get(str(raw)) == 1  # equal to its string, and hashes like it
     assert ref.identifier == str(raw) and str(ref) == str(raw)
     with pytest.raises(JobValidationError):
         Reference("nope")

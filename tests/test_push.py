@@ -43,7 +43,7 @@ async def test_push_forms_and_stored_fields(app: Chancy) -> None:
     assert stored.kwargs == {"a": 1, "b": [1, "x", None]} and stored.meta == {"m": {"n": 1}}
     assert stored.priority == 7 and stored.max_attempts == 4 and stored.attempts == 0
     assert stored.scheduled_at == when and stored.state is QueuedJob.State.PENDING
-    assert stored.limits == (Limit(Limit.Type.TIME, 2.5), Limit(Limit.Type.MEMORY, 10**8))
+    assert stored.limits == [Limit(Limit.Type.TIME, 2.5), Limit(Limit.Type.MEMORY, 10**8)]
     assert stored.id.uuid.version == 7
     ref2 = await app.push(job.with_queue("default"))
     assert (await app.get_job(ref2)).queue == "default"  # type: ignore[union-attr]

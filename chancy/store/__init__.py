@@ -519,7 +519,7 @@ def row_to_job(row: Row) -> QueuedJob:
         func=row["func"],
         kwargs=row["kwargs"],
         meta=row["meta"] if row["meta"] is not None else {},
-        limits=tuple(Limit.from_dict(limit) for limit in row["limits"] or ()),
+        limits=[Limit.from_dict(limit) for limit in row["limits"] or ()],
         priority=row["priority"],
         max_attempts=row["max_attempts"],
         unique_key=row["unique_key"],
