@@ -30,12 +30,7 @@ from chancy.queue import Queue
 
 T = TypeVar("T")
 Params = Mapping[str, Any]
-#: ``(query, params)``, or ``(query, params, False)`` for a statement that must be planned
-#: for its actual parameters every time instead of reusing a prepared generic plan.
-Statement = (
-    tuple[sql.Composed | sql.SQL, Params | None]
-    | tuple[sql.Composed | sql.SQL, Params | None, bool]
-)
+Statement = tuple[sql.Composed | sql.SQL, Params | None]
 Row = dict[str, Any]
 #: A store operation: yields statements, receives each statement's rows, returns a value.
 Op = Generator[Statement, list[Row], T]
@@ -578,8 +573,7 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
         try:
             statement = next(op)
             while True:
-                prepare = statement[2] if len(statement) == 3 else None
-                await cur.execute(statement[0], statement[1], prepare=prepare)
+                await cur.execute(statement[0], statement[1])
                 rows = await cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
@@ -599,8 +593,7 @@ async def arun_pipelined(conn: psycopg.AsyncConnection[Any], ops: Sequence[Op[An
                 results[index] = stop.value
                 continue
             cur = conn.cursor(row_factory=dict_row)
-            prepare = statement[2] if len(statement) == 3 else None
-            await cur.execute(statement[0], statement[1], prepare=prepare)
+            await cur.execute(statement[0], statement[1])
             started.append((index, cur))
         await pipeline.sync()
         for index, cur in started:
@@ -622,8 +615,7 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
         try:
             statement = next(op)
             while True:
-                prepare = statement[2] if len(statement) == 3 else None
-                cur.execute(statement[0], statement[1], prepare=prepare)
+                cur.execute(statement[0], statement[1])
                 rows = cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
