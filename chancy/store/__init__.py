@@ -284,13 +284,14 @@ class Store:
         return [PushResult(Reference(rows[0]["id"]), bool(rows[0]["inserted"]))]
 
     def fetch_jobs(self, queue: str, worker_id: str, limit: int) -> Op[list[QueuedJob]]:
-        """Claim up to ``limit`` due jobs of ``queue``, highest priority then oldest first."""
+        """Claim up to ``limit`` due jobs of ``queue``: highest priority first, then the
+        longest due (``scheduled_at``), then the oldest."""
         rows = yield (
             self.q("fetch_jobs_many"),
             {"queue": queue, "worker_id": worker_id, "limit": limit},
         )
         jobs = [row_to_job(r) for r in rows]
-        jobs.sort(key=lambda j: (-j.priority, j.id.uuid))
+        jobs.sort(key=lambda j: (-j.priority, j.scheduled_at, j.id.uuid))
         return jobs
 
     def complete_jobs(self, worker_id: str, outcomes: Sequence[Outcome]) -> Op[set[Reference]]:

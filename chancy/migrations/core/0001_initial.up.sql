@@ -44,9 +44,10 @@ CREATE TABLE {jobs} (
     autovacuum_vacuum_cost_delay = 1
 );
 
--- Serves the fetch predicate and order exactly; finished rows never enter it.
-CREATE INDEX {jobs_fetch_idx} ON {jobs} (queue, priority DESC, id)
-    INCLUDE (scheduled_at)
+-- Serves the fetch predicate and order exactly; finished rows never enter it. Within a
+-- priority, jobs due now come before jobs scheduled later, so a fetch stops before it
+-- reaches the future ones.
+CREATE INDEX {jobs_fetch_idx} ON {jobs} (queue, priority DESC, scheduled_at, id)
     WHERE state IN ('pending', 'retrying');
 
 -- Recovery looks up running jobs by the worker that claimed them.

@@ -26,7 +26,7 @@ BEGIN
         WHERE c.queue = p_queue
           AND c.state IN ('pending', 'retrying')
           AND c.scheduled_at <= now()
-        ORDER BY c.priority DESC, c.id
+        ORDER BY c.priority DESC, c.scheduled_at, c.id
         LIMIT p_limit
         FOR UPDATE SKIP LOCKED
     ))

@@ -61,8 +61,8 @@ SELECT i.id, i.inserted,
 FROM inserted AS i
 
 -- name: fetch_jobs_many
--- Claims up to %(limit)s due jobs of one queue for one worker, highest priority then
--- oldest first, counting the attempt now (migration 0002 explains the function).
+-- Claims up to %(limit)s due jobs of one queue for one worker, highest priority first,
+-- then longest due, counting the attempt now (migration 0002 explains the function).
 SELECT * FROM {fetch_jobs}(%(queue)s, %(worker_id)s, %(limit)s)
 
 -- name: complete_jobs_batch
