@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
-from chancy import Chancy, Job, Limit, Queue, QueuedJob, Reference, Worker
+from chancy import Chancy, Job, Limit, Queue, QueuedJob, Worker
 from chancy.store import Outcome, arun
 
 ALL_EXECUTORS = [Chancy.Executor.Async, Chancy.Executor.Threaded, Chancy.Executor.Process]
@@ -370,10 +370,6 @@ async def test_unsupported_executor_leaves_other_queues_running(chancy: Chancy) 
         ref = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
         assert (await chancy.wait_for_job(ref, timeout=10)).state == "succeeded"  # type: ignore[union-attr]
         assert "broken" not in worker.executors
-
-
-def test_reference_type() -> None:
-    assert Reference("018f0000-0000-7000-8000-000000000000")
 
 
 async def test_start_blocks_until_stop(chancy: Chancy) -> None:

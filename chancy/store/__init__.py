@@ -37,7 +37,6 @@ Op = Generator[Statement, list[Row], T]
 
 PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,29}$")
 _HEADER_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
-LIVE_STATES = ("pending", "running", "retrying")
 
 
 def validate_prefix(prefix: str) -> str:
@@ -323,11 +322,6 @@ class Store:
         ids = [Reference(r).uuid for r in refs]
         rows = yield self.q("select_jobs_many"), {"ids": ids}
         return [row_to_job(r) for r in rows]
-
-    def job_states(self, refs: Iterable[Reference]) -> Op[dict[Reference, str]]:
-        """Current state of each job in ``refs`` that still exists."""
-        rows = yield self.q("select_job_states_many"), {"ids": [r.uuid for r in refs]}
-        return {Reference(r["id"]): r["state"] for r in rows}
 
     def cancel_job(self, ref: Reference, *, notify: bool) -> Op[str | None]:
         """Cancel a live job; returns the state it had, or None if it was not live."""

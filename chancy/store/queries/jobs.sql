@@ -107,9 +107,6 @@ SELECT id, queue, func, kwargs, meta, limits, priority, state, attempts, max_att
 FROM {jobs}
 WHERE id = ANY(%(ids)s::uuid[])
 
--- name: select_job_states_many
-SELECT id, state FROM {jobs} WHERE id = ANY(%(ids)s::uuid[])
-
 -- name: cancel_job_one
 -- Cancels a live job. A running job is also announced so that its worker interrupts it.
 WITH target AS (
