@@ -545,3 +545,29 @@ async def test_a_failing_plugin_hook_fails_only_that_job(dsn: str) -> None:
             assert not worker.executors["q"].running
     assert jobs[bad].state == "failed" and "plugin failed" in jobs[bad].errors[0]["traceback"]
     assert jobs[good].state == "succeeded"
+
+
+async def test_dead_idle_child_is_replaced_without_using_an_attempt(chancy: Chancy) -> None:
+    from chancy.executors.process import ProcessExecutor
+
+    await chancy.declare(
+        Queue(
+            "q",
+            executor=Chancy.Executor.Process,
+            concurrency=1,
+            executor_options={"max_jobs_per_child": 2},
+        )
+    )
+    async with serving(chancy) as worker:
+        first = await chancy.push(Job(func="tests.jobs.record_pid", queue="q"))
+        assert (await chancy.wait_for_job(first, timeout=20)).state == "succeeded"  # type: ignore[union-attr]
+        executor = worker.executors["q"]
+        assert isinstance(executor, ProcessExecutor)
+        (idle,) = executor._idle
+        idle.process.kill()
+        await asyncio.to_thread(idle.process.join, 10)
+        refs = [await chancy.push(Job(func="tests.jobs.record_pid", queue="q")) for _ in range(3)]
+        jobs = await chancy.wait_for_jobs(refs, timeout=20)
+    assert [(j.state, j.attempts, j.errors) for j in jobs] == [("succeeded", 1, [])] * 3
+    # max_jobs_per_child=2: the three jobs needed at least two fresh children.
+    assert len({j.result for j in jobs} - {idle.process.pid}) >= 2

@@ -47,6 +47,7 @@ class _Child:
         self.job: QueuedJob | None = None
         self.kill_timer: asyncio.TimerHandle | None = None
         self.pending_kind: Kind | None = None
+        self.jobs_done = 0
 
 
 class ProcessExecutor(Executor):
@@ -69,7 +70,6 @@ class ProcessExecutor(Executor):
         self._max_jobs = self.options.get("max_jobs_per_child")
         self._idle: list[_Child] = []
         self._busy: dict[Reference, _Child] = {}
-        self._jobs_run: dict[int, int] = {}
         self._closing = False
 
     def _discard(self, child: _Child) -> None:
@@ -95,6 +95,7 @@ class ProcessExecutor(Executor):
         child.job = job
         child.pending_kind = None
         self._busy[job.id] = child
+        seconds = time_limit(job)
         message = {
             "id": job.id.identifier,
             "func": job.func,
@@ -104,10 +105,9 @@ class ProcessExecutor(Executor):
             "attempts": job.attempts,
             "max_attempts": job.max_attempts,
             "priority": job.priority,
-            "time_limit": time_limit(job),
+            "time_limit": seconds,
             "memory_limit": memory_limit(job),
         }
-        seconds = time_limit(job)
         if seconds is not None:
             # The child raises at the deadline itself; this is the backstop if it cannot.
             loop = asyncio.get_running_loop()
@@ -174,8 +174,8 @@ class ProcessExecutor(Executor):
             meta=reply.get("meta"),
             delay=float(reply.get("delay") or 0),
         )
-        self._jobs_run[child.process.pid or 0] = self._jobs_run.get(child.process.pid or 0, 0) + 1
-        recycle = self._max_jobs and self._jobs_run[child.process.pid or 0] >= self._max_jobs
+        child.jobs_done += 1
+        recycle = self._max_jobs and child.jobs_done >= self._max_jobs
         if self._closing or recycle:
             self._discard(child)
         else:
@@ -263,8 +263,8 @@ def child_main(
             return
         reply = _child_run(message, resource)
         try:
-            conn.send_bytes(json.dumps(reply).encode())
-        except (OSError, ValueError):
+            conn.send_bytes(_encode_reply(reply))
+        except OSError:
             return
 
 
@@ -315,7 +315,7 @@ def _child_run(message: dict[str, Any], resource: Any) -> dict[str, Any]:
         func, kwargs = prepare_call(job)
         result = func(**kwargs)
         signal.setitimer(signal.ITIMER_REAL, 0)
-        reply.update(kind=Kind.SUCCEEDED.value, result=_jsonable(result))
+        reply.update(kind=Kind.SUCCEEDED.value, result=result)
     except JobTimeoutError:
         reply.update(kind=Kind.TIMEOUT.value, error=traceback.format_exc())
     except JobCancelledError:
@@ -328,13 +328,14 @@ def _child_run(message: dict[str, Any], resource: Any) -> dict[str, Any]:
         signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
         if old_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, old_limit)
-    reply["meta"] = _jsonable(dict(job.meta))
+    reply["meta"] = dict(job.meta)
     return reply
 
 
-def _jsonable(value: Any) -> Any:
+def _encode_reply(reply: dict[str, Any]) -> bytes:
+    """Encode once; what JSON cannot hold goes as its repr (the worker stores it so)."""
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
-    return value
+        return json.dumps(reply, default=repr).encode()
+    except ValueError:  # a circular structure in the result or meta
+        reply.update(result=repr(reply.get("result")), meta=repr(reply.get("meta")))
+        return json.dumps(reply, default=repr).encode()
