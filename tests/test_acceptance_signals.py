@@ -104,14 +104,7 @@ async def test_sigterm_lets_running_jobs_finish_exactly_once(
     assert worker.find(r"^STOPPED ")
 
 
-@pytest.mark.parametrize(
-    "executor",
-    [
-        pytest.param(Chancy.Executor.Process, id="process"),
-        pytest.param(Chancy.Executor.Threaded, id="threaded"),
-        pytest.param(Chancy.Executor.Async, id="async"),
-    ],
-)
+@pytest.mark.parametrize("executor", EXECUTORS)
 async def test_sigterm_hands_back_jobs_longer_than_shutdown_timeout(
     chancy: Chancy, workers: Workers, tmp_path: Path, executor: str
 ) -> None:

@@ -53,5 +53,8 @@ def retry(state: CliState, job_id: str) -> None:
         return await chancy.retry_job(job_id)
 
     if not run_with_app(state, run):
-        fail(f"job {job_id} does not exist or has not finished yet")
+        fail(
+            f"job {job_id} does not exist, has not finished yet, "
+            "or another live job holds its unique key"
+        )
     click.echo(f"Job {job_id} will run again.")
