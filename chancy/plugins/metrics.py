@@ -196,7 +196,8 @@ class Metrics(Plugin):
             self._pending.observe(DURATION, "histogram", queue, func, time.monotonic() - started)
 
     def pending_count(self) -> int:
-        """Events counted in memory and not yet flushed (all workers of this process)."""
+        """Events counted in memory and not yet taken by a flush (all workers of this
+        process that share this plugin)."""
         return sum(d.count for d in self._pending.deltas.values() if d.kind == "counter")
 
     # -- the service ------------------------------------------------------------------
@@ -217,7 +218,11 @@ class Metrics(Plugin):
             if worker.stopping.is_set():
                 return  # cleanup writes what is left
             try:
-                await self.flush(worker)
+                # Shielded: a write cancelled at shutdown could commit and then be
+                # counted again by the final flush; cleanup waits for it instead.
+                flush = asyncio.ensure_future(self.flush(worker))
+                flush.add_done_callback(_retrieve)
+                await asyncio.shield(flush)
                 failures = 0
             except Exception as exc:
                 failures += 1
@@ -468,6 +473,13 @@ def merge_points(
     return sorted(
         merged.values(), key=lambda m: (m.bucket_start, m.name, m.queue or "", m.func or "")
     )
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    # The flush loop reports failures itself; a shielded flush that fails after the loop
+    # was cancelled is reported by the final flush in cleanup.
+    if not task.cancelled():
+        task.exception()
 
 
 def _add(a: float | None, b: float | None) -> float | None:
