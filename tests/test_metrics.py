@@ -133,9 +133,7 @@ async def test_histogram_buckets(app: Chancy) -> None:
         fast = await push(app, "tests.jobs.noop", 3)
         slow = await push(app, "tests.jobs.async_sleep", 2, kwargs={"seconds": 0.3})
         await wait_all(app, fast + slow)
-    [point] = await Metrics.get_metrics(
-        app, resolution="all", names=["jobs.duration"], per="queue"
-    )
+    [point] = await Metrics.get_metrics(app, resolution="all", names=["jobs.duration"], per="queue")
     assert point.kind == "histogram" and point.buckets is not None
     assert len(point.buckets) == len(DURATION_BOUNDS) + 1
     assert point.count == sum(point.buckets) == 5
@@ -308,8 +306,7 @@ async def test_prometheus_exposition(app: Chancy) -> None:
     assert 'chancy_queue_running{queue="q"} 0.0' in text
     assert 'chancy_jobs_total{func="tests.jobs.noop",outcome="succeeded",queue="q"} 4.0' in text
     assert (
-        'chancy_job_duration_seconds_bucket{func="tests.jobs.noop",le="+Inf",queue="q"} 4.0'
-        in text
+        'chancy_job_duration_seconds_bucket{func="tests.jobs.noop",le="+Inf",queue="q"} 4.0' in text
     )
     assert 'chancy_job_duration_seconds_count{func="tests.jobs.noop",queue="q"} 4.0' in text
 
@@ -393,3 +390,19 @@ async def test_read_api_validates_early(app: Chancy) -> None:
     with pytest.raises(ConfigurationError):
         await Metrics.get_metrics(app, per="queues")  # type: ignore[arg-type]
     assert await Metrics.get_metrics(app, since=dt.timedelta(minutes=5)) == []
+
+
+async def test_migration_down_and_up(app: Chancy) -> None:
+    async def has_table() -> bool:
+        async with app.pool.connection() as conn:
+            cur = await conn.execute("SELECT to_regclass('chancy_metrics') IS NOT NULL")
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
+    metrics = metrics_of(app)
+    package = metrics.migrations_package()
+    async with app.pool.connection() as conn, conn.transaction():
+        await arun(conn, app.store.migrate(metrics.get_identifier(), package, 0))
+    assert not await has_table() and not await app.is_up_to_date()
+    await app.migrate()
+    assert await has_table() and await app.is_up_to_date()
