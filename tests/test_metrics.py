@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import socket
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
@@ -406,3 +407,23 @@ async def test_migration_down_and_up(app: Chancy) -> None:
     assert not await has_table() and not await app.is_up_to_date()
     await app.migrate()
     assert await has_table() and await app.is_up_to_date()
+
+
+async def test_busy_prometheus_port_does_not_stop_counting(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        async with Chancy(dsn, plugins=plugins(prometheus_port=port)) as app:
+            await app.migrate()
+            await app.declare(Queue("q", executor=ASYNC))
+            with caplog.at_level(logging.ERROR, logger="chancy"):
+                async with serving(app):
+                    refs = await push(app, "tests.jobs.noop", 3)
+                    await wait_all(app, refs)
+            assert "cannot serve Prometheus" in caplog.text
+            assert metrics_of(app).prometheus_address is None
+            points = await Metrics.get_metrics(app, names=["jobs.succeeded"])
+            assert totals(points) == {"jobs.succeeded": 3}

@@ -54,7 +54,8 @@ DEFAULT_RETENTION: dict[str, float] = {
     "1h": 30 * 86400,
     "1d": 730 * 86400,
 }
-_NO_BUCKETS: list[int] = []
+#: The resolutions :meth:`Metrics.get_metrics` accepts ('all': lifetime totals).
+Resolution = Literal["1m", "5m", "1h", "1d", "all"]
 
 
 class _Accumulator:
@@ -117,8 +118,6 @@ class Metrics(Plugin):
     of ``prune_batch_size``. With ``prometheus_port`` every worker serves the Prometheus
     exposition (see :func:`register_prometheus`) on ``prometheus_addr``.
     """
-
-    Resolution = Literal["1m", "5m", "1h", "1d", "all"]
 
     def __init__(
         self,
@@ -207,7 +206,12 @@ class Metrics(Plugin):
         worker.hub.on("job.completed", self._on_completed)
         self._workers.add(worker.worker_id)
         if self.prometheus_port is not None and self._prometheus_server is None:
-            self._start_prometheus(chancy)
+            try:
+                self._start_prometheus(chancy)
+            except (ImportError, OSError) as exc:
+                # Counting must go on without the exporter; one error, not a restart loop.
+                self._prometheus_server = exc
+                worker.log.error("metrics: cannot serve Prometheus: %s", exc)
         await asyncio.gather(self._flush_loop(worker), self._leader_loop(worker, chancy))
 
     async def _flush_loop(self, worker: Worker) -> None:
@@ -370,7 +374,7 @@ class Metrics(Plugin):
 
     def _stop_prometheus(self) -> None:
         server, self._prometheus_server = self._prometheus_server, None
-        if server is not None and server is not True:
+        if server is not None and hasattr(server, "shutdown"):
             server.shutdown()
             server.server_close()
 
@@ -378,7 +382,7 @@ class Metrics(Plugin):
     def prometheus_address(self) -> tuple[str, int] | None:
         """(host, port) the Prometheus endpoint listens on, once a worker started it."""
         server = self._prometheus_server
-        if server is None or server is True:
+        if not hasattr(server, "server_address"):
             return None
         host, port = server.server_address[:2]
         return str(host), int(port)
