@@ -9,6 +9,7 @@ import bisect
 import datetime as dt
 import logging
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,7 +23,7 @@ from chancy.store.metrics import DURATION_BOUNDS, RESOLUTIONS, Delta, MetricPoin
 
 if TYPE_CHECKING:
     from chancy.app import Chancy
-    from chancy.job import QueuedJob, Reference
+    from chancy.job import QueuedJob
     from chancy.store import Outcome
     from chancy.worker import Worker
 
@@ -164,7 +165,7 @@ class Metrics(Plugin):
         self.prometheus_port = prometheus_port
         self.prometheus_addr = prometheus_addr
         self._pending = _Accumulator()
-        self._started: dict[tuple[Reference, int], float] = {}
+        self._started: dict[tuple[uuid.UUID, int], float] = {}
         self._flush_lock = asyncio.Lock()
         self._workers: set[str] = set()
         self._prometheus_server: Any = None
@@ -181,7 +182,7 @@ class Metrics(Plugin):
     # -- recording --------------------------------------------------------------------
 
     async def on_job_starting(self, worker: Worker, job: QueuedJob) -> QueuedJob:
-        self._started[(job.id, job.attempts)] = time.monotonic()
+        self._started[(job.id.uuid, job.attempts)] = time.monotonic()
         return job
 
     def _on_completed(self, event: str, outcome: Outcome) -> None:
@@ -190,7 +191,7 @@ class Metrics(Plugin):
         job = outcome.job
         queue, func = job.queue, job.func
         self._pending.count(COUNTER_OF_STATE.get(outcome.state, "jobs.other"), queue, func)
-        started = self._started.pop((job.id, job.attempts), None)
+        started = self._started.pop((job.id.uuid, job.attempts), None)
         if started is not None:
             self._pending.observe(DURATION, "histogram", queue, func, time.monotonic() - started)
 
@@ -233,8 +234,8 @@ class Metrics(Plugin):
                 worker.log.warning("metrics flush failed (%s); keeping the counts", exc)
 
     async def flush(self, worker: Worker) -> int:
-        """Write the deltas counted so far in one statement now; returns how many metric
-        rows changed (per resolution). On failure the deltas are kept and it raises."""
+        """Write the deltas counted so far in one statement now; returns how many deltas
+        (metric and label sets) it wrote. On failure the deltas are kept and it raises."""
         async with self._flush_lock:
             deltas = self._pending.take()
             if not deltas:
