@@ -145,6 +145,25 @@ def test_plugin_settings_are_validated() -> None:
 # -- persistence ------------------------------------------------------------------------
 
 
+async def test_cron_migrations_go_up_down_and_up_with_the_prefix(dsn: str) -> None:
+    async with Chancy(dsn, prefix="x_", plugins=[Cron()]) as chancy:
+        assert not await chancy.is_up_to_date()
+        await chancy.migrate()
+        assert await chancy.is_up_to_date()
+        await chancy.declare(Queue("q"))
+        await Cron.schedule(chancy, "0 * * * *", job("kept"))
+        async with chancy.pool.connection() as conn:
+            down = chancy.store.migrate("chancy.cron", "chancy.migrations.cron", 0)
+            assert await arun(conn, down) == [-1]
+            cur = await conn.execute("SELECT to_regclass('x_cron') IS NULL")
+            assert await cur.fetchone() == (True,)
+        assert not await chancy.is_up_to_date()
+        await chancy.migrate()
+        assert await Cron.get_schedules(chancy) == {}
+        await Cron.schedule(chancy, "0 * * * *", job("again"))
+        assert list(await Cron.get_schedules(chancy)) == ["again"]
+
+
 async def test_schedules_persist_and_can_be_read_replaced_and_removed(
     dsn: str, app: Chancy
 ) -> None:
