@@ -224,7 +224,8 @@ class Cron(Plugin):
         inserted = [p for p in pushed if p[2].inserted]
         if pushed:
             worker.hub.emit("cron.enqueued", pushed)
-            worker.log.debug("cron: %d job(s) enqueued, %d joined", len(inserted), len(pushed))
+            joined = len(pushed) - len(inserted)
+            worker.log.debug("cron: %d job(s) enqueued, %d joined live runs", len(inserted), joined)
         return CronPass(pushed, schedules, done.seconds_until_due)
 
     def enqueue_due_op(self, chancy: Chancy, leader: str) -> Op[CronPass]:
