@@ -416,6 +416,23 @@ def test_due_ticks_are_the_most_recent_and_fall_back_to_the_due_time() -> None:
     assert due_ticks("0 0 1 1 *", UTC, due, now, 5) == [due]
 
 
+def test_catch_up_across_dst_changes_sees_the_same_ticks_as_forward_scheduling() -> None:
+    for expr, start in (
+        ("30 2 * * *", utc(2026, 3, 6)),  # spring forward
+        ("30 1 * * *", utc(2026, 10, 30)),  # fall back, daily
+        ("30 * * * *", utc(2026, 10, 31, 23)),  # fall back, hourly
+    ):
+        forward: list[dt.datetime] = []
+        moment: dt.datetime | None = start
+        for _ in range(5):
+            assert moment is not None
+            moment = next_tick(expr, NEW_YORK, moment)
+            assert moment is not None
+            forward.append(moment)
+        now = forward[-1] + dt.timedelta(seconds=5)
+        assert due_ticks(expr, NEW_YORK, forward[0], now, 100) == forward
+
+
 async def test_next_run_is_computed_from_the_database_clock_in_the_zone(app: Chancy) -> None:
     await Cron.schedule(app, "0 9 * * *", job("ny"), timezone="America/New_York")
     await make_due(app)
