@@ -30,8 +30,10 @@ UTC = dt.UTC
 NEW_YORK = ZoneInfo("America/New_York")
 
 
-def utc(*args: int) -> dt.datetime:
-    return dt.datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> dt.datetime:
+    return dt.datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def job(key: str | None = "k", queue: str = "q", **fields: Any) -> Job:

@@ -147,11 +147,11 @@ async def test_the_plugin_runs_on_the_leader(dsn: str) -> None:
 @pytest.mark.parametrize(
     "build",
     [
-        lambda: Reprioritize("age > 600"),
+        lambda: Reprioritize("age > 600"),  # type: ignore[arg-type]
         lambda: Reprioritize(Age() > 1, check_interval=0),
         lambda: Reprioritize(Age() > 1, priority_increase=0),
         lambda: Reprioritize(Age() > 1, priority_increase=True),
-        lambda: Reprioritize(Age() > 1, priority_increase=1.5),
+        lambda: Reprioritize(Age() > 1, priority_increase=1.5),  # type: ignore[arg-type]
         lambda: Reprioritize(Age() > 1, batch_size=0),
     ],
 )

@@ -17,7 +17,7 @@ from chancy.errors import ConfigurationError
 from chancy.plugins.sentry import SentryPlugin, exception_from_traceback
 from tests.test_worker import serving
 
-QUIET = {"default_integrations": False, "auto_enabling_integrations": False}
+QUIET: dict[str, Any] = {"default_integrations": False, "auto_enabling_integrations": False}
 
 
 class CollectingTransport(Transport):
@@ -31,7 +31,7 @@ class CollectingTransport(Transport):
         self.envelopes.append(envelope)
 
     def events(self) -> list[dict[str, Any]]:
-        found = [e.get_event() for e in self.envelopes]
+        found: list[Any] = [e.get_event() for e in self.envelopes]
         return [e for e in found if e is not None]
 
 
@@ -99,8 +99,9 @@ def test_options_without_a_dsn_are_refused() -> None:
 
 
 def _raise_chained() -> None:
+    empty: dict[str, int] = {}
     try:
-        {}["missing"]
+        empty["missing"]
     except KeyError as exc:
         raise RuntimeError("wrapped\nsecond line") from exc
 
