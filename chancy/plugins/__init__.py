@@ -14,5 +14,6 @@ def default_plugins() -> list[Plugin]:
     from chancy.plugins.leadership import Leadership
     from chancy.plugins.pruner import Pruner
     from chancy.plugins.recovery import Recovery
+    from chancy.plugins.workflow import WorkflowPlugin
 
-    return [Leadership(), Recovery(), Pruner()]
+    return [Leadership(), Recovery(), Pruner(), WorkflowPlugin()]
