@@ -309,11 +309,13 @@ class WorkflowPlugin(Plugin):
 
     async def _poll(self, worker: Worker, chancy: Chancy) -> None:
         while not worker.stopping.is_set():
-            if worker.is_leader.is_set():
-                while not worker.stopping.is_set():
-                    result = await self._advance(worker, chancy, None)
-                    if len(result.touched) < self.batch_size:
-                        break
+            if not worker.is_leader.is_set():
+                await _wait_any(worker.is_leader, worker.stopping)
+                continue
+            while not worker.stopping.is_set():
+                result = await self._advance(worker, chancy, None)
+                if len(result.touched) < self.batch_size:
+                    break
             await self.sleep(worker, self.polling_interval)
 
     async def _advance(
