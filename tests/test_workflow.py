@@ -199,11 +199,13 @@ async def test_retries_within_a_step(dsn: str) -> None:
         ),
         (lambda: Workflow("w").add("a", step("a"), ["a"]), WorkflowCycleError),
         (
-            lambda: Workflow("w")
-            .add("root", step("r"))
-            .add("a", step("a"), ["root", "c"])
-            .add("b", step("b"), ["a"])
-            .add("c", step("c"), ["b"]),
+            lambda: (
+                Workflow("w")
+                .add("root", step("r"))
+                .add("a", step("a"), ["root", "c"])
+                .add("b", step("b"), ["a"])
+                .add("c", step("c"), ["b"])
+            ),
             WorkflowCycleError,
         ),
         (lambda: Workflow("empty"), WorkflowValidationError),
@@ -316,7 +318,8 @@ async def test_dot_export_colours_steps_by_state(dsn: str) -> None:
         dot = done.to_dot()
         assert dot == WorkflowPlugin.generate_dot(done)
         assert '"a" -> "b";' in dot and '"b" -> "c";' in dot
-        lines = {line.split(" [")[0].strip(): line for line in dot.splitlines() if " [label" in line}
+        nodes = [line for line in dot.splitlines() if " [label" in line]
+        lines = {line.split(" [")[0].strip(): line for line in nodes}
         assert STATE_COLOURS["succeeded"] in lines['"a"']
         assert STATE_COLOURS["failed"] in lines['"b"']
         assert STATE_COLOURS["skipped"] in lines['"c"'] and "dashed" in lines['"c"']
