@@ -312,10 +312,14 @@ class WorkflowPlugin(Plugin):
             if not worker.is_leader.is_set():
                 await _wait_any(worker.is_leader, worker.stopping)
                 continue
-            while not worker.stopping.is_set():
-                result = await self._advance(worker, chancy, None)
-                if len(result.touched) < self.batch_size:
-                    break
+            try:
+                while not worker.stopping.is_set():
+                    result = await self._advance(worker, chancy, None)
+                    if len(result.touched) < self.batch_size:
+                        break
+            except Exception:
+                # Keep the completion-driven loop alive; the next poll tries again.
+                worker.log.exception("workflow: polling for workflow progress failed")
             await self.sleep(worker, self.polling_interval)
 
     async def _advance(
