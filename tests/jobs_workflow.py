@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import threading
 
 ATTEMPTS: collections.Counter[str] = collections.Counter()
 
@@ -25,3 +26,12 @@ def flaky(key: str, failures: int) -> int:
 
 def noop() -> None:
     return None
+
+
+GATES: dict[str, threading.Event] = {}
+
+
+def gate(key: str) -> str:
+    """Blocks until the test opens ``GATES[key]`` (or 30 s pass)."""
+    GATES.setdefault(key, threading.Event()).wait(30)
+    return key

@@ -3,6 +3,7 @@ fan-out at scale, fetching, paging and the DOT export — on a real PostgreSQL."
 
 from __future__ import annotations
 
+import threading
 import uuid
 from collections.abc import AsyncIterator, Generator
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from chancy.errors import (
     WorkflowValidationError,
 )
 from chancy.job import QueuedJob
+from chancy.plugin import Plugin
 from chancy.plugins.leadership import Leadership
 from chancy.plugins.workflow import (
     STATE_COLOURS,
@@ -43,12 +45,15 @@ def fail(**fields: Any) -> Job:
 
 
 @asynccontextmanager
-async def app_with(dsn: str, polling_interval: float = 0.2) -> AsyncIterator[Chancy]:
-    plugins = [
-        Leadership(poll_interval=0.1, timeout=1),
-        WorkflowPlugin(polling_interval=polling_interval),
-    ]
-    async with Chancy(dsn, plugins=plugins) as app:
+async def app_with(
+    dsn: str, polling_interval: float = 0.2, *, poll: bool = True
+) -> AsyncIterator[Chancy]:
+    """An app whose workers advance workflows; with ``poll=False`` no worker ever leads,
+    so the leader's polling fallback never runs and only completion events count."""
+    plugins: list[Plugin] = [WorkflowPlugin(polling_interval=polling_interval)]
+    if poll:
+        plugins.append(Leadership(poll_interval=0.1, timeout=1))
+    async with Chancy(dsn, plugins=plugins, no_default_plugins=not poll) as app:
         await app.migrate()
         await app.declare(Queue("default", executor=Chancy.Executor.Async, concurrency=20))
         yield app
@@ -381,11 +386,10 @@ async def count_statements(app: Chancy, op: Generator[Any, Any, Any]) -> int:
 
 
 async def test_dependent_starts_on_completion_not_on_the_poll(dsn: str) -> None:
-    # The leader's poll runs once at start and then not for an hour: only the completion
-    # event can start the second step.
-    async with app_with(dsn, polling_interval=3600) as app:
+    # No worker leads, so nothing polls: only the completion event can start the next step.
+    async with app_with(dsn, polling_interval=3600, poll=False) as app:
         async with serving(app) as worker:
-            await poll(lambda: worker.is_leader.is_set())
+            assert not worker.is_leader.is_set()
             workflow_id = await Sequence("quick", [step("a"), step("b"), step("c")]).push(app)
             done = await WorkflowPlugin.wait_for_workflow(
                 app, workflow_id, interval=0.05, timeout=30
@@ -469,3 +473,27 @@ async def first_step_done(app: Chancy, workflow_id: str) -> bool:
     job_id = workflow.steps["0"].job_id
     job = await app.get_job(job_id) if job_id is not None else None
     return job is not None and job.state == QueuedJob.State.SUCCEEDED
+
+
+async def test_workflow_is_running_once_its_first_job_starts(dsn: str) -> None:
+    key = uuid.uuid4().hex
+    gate = jobs_workflow.GATES.setdefault(key, threading.Event())
+    async with app_with(dsn, polling_interval=3600, poll=False) as app:
+        blocker = Job(func="tests.jobs_workflow.gate", kwargs={"key": key})
+        workflow_id = await Sequence("gated", [blocker, step("after")]).push(app)
+        try:
+            async with serving(app):
+                await poll(lambda: workflow_state(app, workflow_id, "running"))
+                current = await WorkflowPlugin.fetch_workflow(app, workflow_id)
+                assert current is not None and current.steps["0"].job_state == "running"
+                assert current.steps["1"].state == "pending"
+                gate.set()
+                done = await WorkflowPlugin.wait_for_workflow(app, workflow_id, timeout=30)
+        finally:
+            gate.set()
+        assert done is not None and done.state == Workflow.State.COMPLETED
+
+
+async def workflow_state(app: Chancy, workflow_id: str, state: str) -> bool:
+    workflow = await WorkflowPlugin.fetch_workflow(app, workflow_id)
+    return workflow is not None and workflow.state == state

@@ -38,7 +38,7 @@ from chancy.errors import (
     WorkflowCycleError,
     WorkflowValidationError,
 )
-from chancy.job import FINISHED_STATES, Job, JobFunction, Reference, uuid7
+from chancy.job import FINISHED_STATES, Job, JobFunction, QueuedJob, Reference, uuid7
 from chancy.plugin import Plugin
 from chancy.store import Row, arun
 from chancy.store import workflow as workflow_store
@@ -265,45 +265,65 @@ class WorkflowPlugin(Plugin):
     # -- worker side ------------------------------------------------------------------
 
     async def run(self, worker: Worker, chancy: Chancy) -> None:
-        wanted: set[uuid.UUID] = set()
+        finished: set[uuid.UUID] = set()
+        started: set[uuid.UUID] = set()
         wake = asyncio.Event()
+
+        def on_started(name: str, job: QueuedJob) -> None:
+            workflow_id = _workflow_of(job)
+            if workflow_id is not None and job.attempts <= 1:
+                started.add(workflow_id)
+                wake.set()
 
         def on_recorded(name: str, batch: list[Outcome]) -> None:
             # Fired after the outcomes are committed, so the advance sees them.
             for outcome in batch:
-                marker = outcome.job.meta.get("workflow")
-                if outcome.state in FINISHED_STATES and isinstance(marker, dict):
-                    try:
-                        wanted.add(uuid.UUID(str(marker.get("id"))))
-                    except ValueError:
-                        continue
+                workflow_id = _workflow_of(outcome.job)
+                if workflow_id is not None and outcome.state in FINISHED_STATES:
+                    finished.add(workflow_id)
                     wake.set()
 
+        worker.hub.on("job.started", on_started)
         worker.hub.on("job.recorded", on_recorded)
         try:
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._advance_on_completion(worker, chancy, wanted, wake))
+                group.create_task(self._on_events(worker, chancy, finished, started, wake))
                 group.create_task(self._poll(worker, chancy))
         finally:
+            worker.hub.remove("job.started", on_started)
             worker.hub.remove("job.recorded", on_recorded)
 
-    async def _advance_on_completion(
-        self, worker: Worker, chancy: Chancy, wanted: set[uuid.UUID], wake: asyncio.Event
+    async def _on_events(
+        self,
+        worker: Worker,
+        chancy: Chancy,
+        finished: set[uuid.UUID],
+        started: set[uuid.UUID],
+        wake: asyncio.Event,
     ) -> None:
+        """Advance workflows whose steps finished, and mark those whose first step
+        started as running, in batches of whatever arrived meanwhile."""
         delay = 0.05
         while not worker.stopping.is_set():
-            if not wanted:
+            if not finished and not started:
                 await _wait_any(wake, worker.stopping)
                 continue
             wake.clear()
-            batch = set(wanted)
-            wanted.clear()
+            advance = set(finished)
+            running = set(started) - advance  # an advance updates the state anyway
+            finished.clear()
+            started.clear()
             try:
-                await self._advance(worker, chancy, batch)
+                if running:
+                    states = await worker.run_op(workflow_store.mark_running(chancy.store, running))
+                    _announce(worker, states)
+                if advance:
+                    await self._advance(worker, chancy, advance)
                 delay = 0.05
             except Exception:
-                worker.log.exception("workflow: advancing %d workflow(s) failed", len(batch))
-                wanted.update(batch)
+                worker.log.exception("workflow: advancing workflows failed")
+                finished.update(advance)
+                started.update(running)
                 await self.sleep(worker, delay)
                 delay = min(delay * 2, 5.0)
 
@@ -330,8 +350,7 @@ class WorkflowPlugin(Plugin):
         )
         async with worker.pool.connection() as conn, conn.transaction():
             result = await arun(conn, op)
-        for workflow_id, state in result.states.items():
-            worker.hub.emit("workflow.state", {"id": str(workflow_id), "state": state})
+        _announce(worker, result.states)
         return _Advanced(result.locked, result.started)
 
     # -- client side ------------------------------------------------------------------
@@ -447,6 +466,21 @@ class _Advanced:
     def __init__(self, touched: list[uuid.UUID], started: int) -> None:
         self.touched = touched
         self.started = started
+
+
+def _workflow_of(job: Job) -> uuid.UUID | None:
+    marker = job.meta.get("workflow")
+    if not isinstance(marker, dict):
+        return None
+    try:
+        return uuid.UUID(str(marker.get("id")))
+    except ValueError:
+        return None
+
+
+def _announce(worker: Worker, states: Mapping[uuid.UUID, str]) -> None:
+    for workflow_id, state in states.items():
+        worker.hub.emit("workflow.state", {"id": str(workflow_id), "state": state})
 
 
 async def _wait_any(*events: asyncio.Event) -> None:

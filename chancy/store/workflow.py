@@ -156,6 +156,15 @@ def advance_workflows(
     return result
 
 
+def mark_running(store: Store, ids: Iterable[uuid.UUID]) -> Op[dict[uuid.UUID, str]]:
+    """Move the pending workflows among ``ids`` to running (a step's job has started)."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    rows = yield store.q("workflow_mark_running_many"), {"ids": wanted}
+    return {r["id"]: r["state"] for r in rows}
+
+
 def get_workflows(store: Store, ids: Iterable[uuid.UUID]) -> Op[list[tuple[Row, list[Row]]]]:
     """The workflows among ``ids`` with their steps (missing ones are left out)."""
     rows = yield store.q("workflow_select_many"), {"ids": list(ids)}

@@ -152,3 +152,18 @@ FROM {workflow_steps} AS s
 LEFT JOIN {jobs} AS j ON j.id = s.job_id
 WHERE s.workflow_id = ANY(%(ids)s::uuid[])
 ORDER BY s.workflow_id, s.position
+
+-- name: workflow_mark_running_many
+-- A step's job has started: its pending workflow is running now. Rows are locked in id
+-- order like every advance does, so the two cannot deadlock.
+WITH target AS (
+    SELECT id FROM {workflows}
+    WHERE id = ANY(%(ids)s::uuid[]) AND state = 'pending'
+    ORDER BY id
+    FOR UPDATE
+)
+UPDATE {workflows} AS w
+SET state = 'running', updated_at = now()
+FROM target
+WHERE w.id = target.id AND w.state = 'pending'
+RETURNING w.id, w.state
