@@ -46,11 +46,11 @@ def fail(**fields: Any) -> Job:
 
 @asynccontextmanager
 async def app_with(
-    dsn: str, polling_interval: float = 0.2, *, poll: bool = True
+    dsn: str, polling_interval: float = 0.2, *, poll: bool = True, **options: Any
 ) -> AsyncIterator[Chancy]:
     """An app whose workers advance workflows; with ``poll=False`` no worker ever leads,
     so the leader's polling fallback never runs and only completion events count."""
-    plugins: list[Plugin] = [WorkflowPlugin(polling_interval=polling_interval)]
+    plugins: list[Plugin] = [WorkflowPlugin(polling_interval=polling_interval, **options)]
     if poll:
         plugins.append(Leadership(poll_interval=0.1, timeout=1))
     async with Chancy(dsn, plugins=plugins, no_default_plugins=not poll) as app:
@@ -449,6 +449,28 @@ def test_plugin_settings_are_validated() -> None:
 
     with pytest.raises(ConfigurationError):
         WorkflowPlugin(polling_interval=0)
+    with pytest.raises(ConfigurationError):
+        WorkflowPlugin(retention=-1)
+
+
+async def test_leader_deletes_finished_workflows_after_retention(dsn: str) -> None:
+    async with app_with(dsn, polling_interval=0.1, retention=0.5) as app:
+        await app.declare(Queue("parked", executor=Chancy.Executor.Async))
+        await app.pause_queue("parked")
+        live_id = await Sequence("live", [step("x", queue="parked")]).push(app)
+        done_id = await Sequence("done", [step("y")]).push(app)
+        async with serving(app):
+            await WorkflowPlugin.wait_for_workflow(app, done_id, interval=0.05, timeout=30)
+            await poll(lambda: is_gone(app, done_id))
+        assert await WorkflowPlugin.fetch_workflow(app, live_id) is not None
+        async with app.connection() as conn:
+            cur = await conn.execute("SELECT count(*) FROM chancy_workflow_steps")
+            row = await cur.fetchone()
+        assert row is not None and row[0] == 1
+
+
+async def is_gone(app: Chancy, workflow_id: str) -> bool:
+    return await WorkflowPlugin.fetch_workflow(app, workflow_id) is None
 
 
 async def test_worker_runs_without_the_plugin(dsn: str) -> None:

@@ -247,13 +247,24 @@ class Sequence(Workflow):
 
 class WorkflowPlugin(Plugin):
     """Advances workflows: at once on the worker that records a step's completion, and
-    every ``polling_interval`` seconds on the leader for progress recorded elsewhere."""
+    every ``polling_interval`` seconds on the leader for progress recorded elsewhere.
+    The leader also deletes workflows finished more than ``retention`` seconds ago (by
+    default a day, like the Pruner's jobs; None keeps them)."""
 
-    def __init__(self, polling_interval: float = 5, batch_size: int = 100) -> None:
+    def __init__(
+        self,
+        polling_interval: float = 5,
+        batch_size: int = 100,
+        *,
+        retention: float | None = 86400,
+    ) -> None:
         if polling_interval <= 0 or batch_size < 1:
             raise ConfigurationError("WorkflowPlugin needs polling_interval > 0, batch_size >= 1")
+        if retention is not None and not retention >= 0:
+            raise ConfigurationError("WorkflowPlugin retention must be >= 0 seconds or None")
         self.polling_interval = polling_interval
         self.batch_size = batch_size
+        self.retention = retention
 
     @classmethod
     def get_identifier(cls) -> str:
@@ -337,8 +348,14 @@ class WorkflowPlugin(Plugin):
                     result = await self._advance(worker, chancy, None)
                     if len(result.touched) < self.batch_size:
                         break
+                if self.retention is not None:
+                    pruned = await worker.run_op(
+                        workflow_store.prune_workflows(chancy.store, self.retention, 1000)
+                    )
+                    if pruned:
+                        worker.hub.emit("workflow.pruned", pruned)
             except Exception:
-                # Keep the completion-driven loop alive; the next poll tries again.
+                # Keep the event-driven loop alive; the next poll tries again.
                 worker.log.exception("workflow: polling for workflow progress failed")
             await self.sleep(worker, self.polling_interval)
 

@@ -165,6 +165,12 @@ def mark_running(store: Store, ids: Iterable[uuid.UUID]) -> Op[dict[uuid.UUID, s
     return {r["id"]: r["state"] for r in rows}
 
 
+def prune_workflows(store: Store, age: float, limit: int) -> Op[int]:
+    """Delete at most ``limit`` workflows finished more than ``age`` seconds ago."""
+    rows = yield store.q("workflow_prune_many"), {"age": float(age), "limit": limit}
+    return len(rows)
+
+
 def get_workflows(store: Store, ids: Iterable[uuid.UUID]) -> Op[list[tuple[Row, list[Row]]]]:
     """The workflows among ``ids`` with their steps (missing ones are left out)."""
     rows = yield store.q("workflow_select_many"), {"ids": list(ids)}

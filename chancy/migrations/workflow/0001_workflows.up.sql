@@ -14,6 +14,10 @@ CREATE TABLE {workflows} (
 -- The leader's polling fallback looks only at live workflows.
 CREATE INDEX {workflows_live_idx} ON {workflows} (id) WHERE state IN ('pending', 'running');
 
+-- Retention: finished workflows by age.
+CREATE INDEX {workflows_finished_idx} ON {workflows} (completed_at)
+    WHERE state IN ('completed', 'failed');
+
 -- Listing by state, newest first (keyset pagination on id).
 CREATE INDEX {workflows_state_idx} ON {workflows} (state, id);
 

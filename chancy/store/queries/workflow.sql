@@ -167,3 +167,16 @@ SET state = 'running', updated_at = now()
 FROM target
 WHERE w.id = target.id AND w.state = 'pending'
 RETURNING w.id, w.state
+
+-- name: workflow_prune_many
+-- Deletes at most %(limit)s workflows (their steps go with them) that finished more than
+-- %(age)s seconds ago; live workflows are never touched.
+DELETE FROM {workflows}
+WHERE id IN (
+    SELECT id FROM {workflows}
+    WHERE state IN ('completed', 'failed')
+      AND completed_at < now() - make_interval(secs => %(age)s)
+    ORDER BY completed_at
+    LIMIT %(limit)s
+)
+RETURNING id
