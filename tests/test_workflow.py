@@ -519,3 +519,21 @@ async def test_workflow_is_running_once_its_first_job_starts(dsn: str) -> None:
 async def workflow_state(app: Chancy, workflow_id: str, state: str) -> bool:
     workflow = await WorkflowPlugin.fetch_workflow(app, workflow_id)
     return workflow is not None and workflow.state == state
+
+
+async def test_push_ex_joins_the_callers_transaction(chancy: Chancy) -> None:
+    await chancy.declare(Queue("default", executor=Chancy.Executor.Async))
+    wf = Workflow("txn").add("a", step("a")).add("b", step("b"), ["a"])
+    async with chancy.connection() as conn:
+        async with conn.transaction(force_rollback=True):
+            rolled_back = await WorkflowPlugin.push_ex(chancy, conn, wf)
+            assert await WorkflowPlugin.fetch_workflow(chancy, rolled_back) is None
+        assert await WorkflowPlugin.fetch_workflows(chancy) == []
+        assert await count_all_jobs(chancy) == 0
+        async with conn.transaction():
+            with pytest.raises(UnknownQueueError):
+                await WorkflowPlugin.push_ex(chancy, conn, Sequence("x", [step("x", queue="q")]))
+            committed = await WorkflowPlugin.push_ex(chancy, conn, wf)
+    stored = await WorkflowPlugin.fetch_workflow(chancy, committed)
+    assert stored is not None and stored.steps["a"].state == "running"
+    assert await count_all_jobs(chancy) == 1

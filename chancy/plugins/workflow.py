@@ -40,11 +40,13 @@ from chancy.errors import (
 )
 from chancy.job import FINISHED_STATES, Job, JobFunction, QueuedJob, Reference, uuid7
 from chancy.plugin import Plugin
-from chancy.store import Row, arun
+from chancy.store import Op, Row, arun
 from chancy.store import workflow as workflow_store
 
 if TYPE_CHECKING:
     from typing import Self
+
+    import psycopg
 
     from chancy.app import Chancy
     from chancy.store import Outcome
@@ -376,25 +378,22 @@ class WorkflowPlugin(Plugin):
     async def push(chancy: Chancy, workflow: Workflow) -> str:
         """Validate and store ``workflow`` and push its first steps, in one transaction;
         returns the workflow id. Nothing is stored when validation fails."""
-        if not isinstance(workflow, Workflow):
-            raise WorkflowValidationError(f"push() needs a Workflow, not {workflow!r}")
-        dependencies = workflow.validate()
-        steps = [
-            workflow_store.StepSpec(
-                step.step_id, step.group_id, step.job, dependencies[step.step_id]
-            )
-            for step in workflow.steps.values()
-        ]
-        workflow_id = uuid7()
-        op = workflow_store.push_workflow(
-            chancy.store,
-            workflow_id,
-            workflow.name,
-            steps,
-            require_queues=chancy.require_declared_queues,
-            notify=chancy.notifications,
-        )
+        workflow_id, op = _push_op(chancy, workflow)
         missing = await chancy._run(op, transaction=True)
+        if missing:
+            raise UnknownQueueError(missing)
+        return str(workflow_id)
+
+    @staticmethod
+    async def push_ex(
+        chancy: Chancy,
+        cursor: psycopg.AsyncCursor[Any] | psycopg.AsyncConnection[Any],
+        workflow: Workflow,
+    ) -> str:
+        """:meth:`push` on the caller's connection or cursor, inside the caller's
+        transaction: the workflow (and its first jobs) exist if and only if it commits."""
+        workflow_id, op = _push_op(chancy, workflow)
+        missing = await arun(cursor, op)
         if missing:
             raise UnknownQueueError(missing)
         return str(workflow_id)
@@ -483,6 +482,26 @@ class _Advanced:
     def __init__(self, touched: list[uuid.UUID], started: int) -> None:
         self.touched = touched
         self.started = started
+
+
+def _push_op(chancy: Chancy, workflow: Workflow) -> tuple[uuid.UUID, Op[list[str]]]:
+    if not isinstance(workflow, Workflow):
+        raise WorkflowValidationError(f"push() needs a Workflow, not {workflow!r}")
+    dependencies = workflow.validate()
+    steps = [
+        workflow_store.StepSpec(step.step_id, step.group_id, step.job, dependencies[step.step_id])
+        for step in workflow.steps.values()
+    ]
+    workflow_id = uuid7()
+    op = workflow_store.push_workflow(
+        chancy.store,
+        workflow_id,
+        workflow.name,
+        steps,
+        require_queues=chancy.require_declared_queues,
+        notify=chancy.notifications,
+    )
+    return workflow_id, op
 
 
 def _workflow_of(job: Job) -> uuid.UUID | None:
