@@ -77,8 +77,12 @@ class Snooze(ChancyError):
     """Raise from a job to run it again after ``delay`` seconds without using an attempt."""
 
     def __init__(self, delay: float) -> None:
-        if delay < 0:
-            raise JobValidationError("Snooze delay must be >= 0 seconds")
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not 0 <= delay < float("inf")
+        ):
+            raise JobValidationError(f"Snooze delay must be a finite number >= 0, not {delay!r}")
         self.delay = float(delay)
         super().__init__(f"snoozed for {self.delay} s")
 

@@ -4,6 +4,7 @@ tests (importable by workers and child processes)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,7 @@ def wait_for_file(path: str, limit: float = 30) -> None:
 
 async def async_wait_for_file(path: str, limit: float = 30) -> None:
     deadline = time.monotonic() + limit
-    while not Path(path).exists():
+    while not os.path.exists(path):  # a stat is no blocking hazard in a test job
         if time.monotonic() > deadline:
             raise TimeoutError(f"{path} never appeared")
         await asyncio.sleep(0.01)

@@ -372,7 +372,7 @@ class Store:
             "id": [o.job.id.uuid for o in outcomes],
             "attempt": [o.job.attempts for o in outcomes],
             "state": [o.state for o in outcomes],
-            "delay": [float(o.delay) for o in outcomes],
+            "delay": [_safe_delay(o.delay) for o in outcomes],
             "refund": [1 if o.refund else 0 for o in outcomes],
             "error": [
                 None
@@ -586,6 +586,22 @@ class Store:
         """The lease row, with a ``valid`` flag, or None."""
         rows = yield self.q("select_lease_one"), None
         return rows[0] if rows else None
+
+
+#: The longest delay an outcome may ask for (ten years); more would overflow the interval.
+MAX_DELAY = 10 * 365 * 86400.0
+
+
+def _safe_delay(delay: Any) -> float:
+    """A delay the completion statement can always use: one bad value (NaN, inf, huge)
+    from a plugin or a job must not make the whole batch fail."""
+    try:
+        value = float(delay)
+    except (TypeError, ValueError):
+        return 0.0
+    if value != value or value <= 0:
+        return 0.0
+    return min(value, MAX_DELAY)
 
 
 def _dumps_lenient(value: Any) -> str:
