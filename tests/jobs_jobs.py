@@ -129,3 +129,7 @@ def unchecked(a: int) -> int:
 
 def echo_kwargs(**kwargs: Any) -> dict[str, Any]:
     return kwargs
+
+
+def kwarg_types(**kwargs: Any) -> dict[str, str]:
+    return {name: type(value).__name__ for name, value in kwargs.items()}

@@ -92,8 +92,13 @@ def _orjson_dumps(value: Any) -> str:
     import orjson
 
     # Datetimes and dataclasses are refused as the standard library refuses them, so a
-    # job never receives a string where its caller passed an object.
-    options = orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS
+    # job never receives a string where its caller passed an object; non-str keys become
+    # strings as the standard library makes them.
+    options = (
+        orjson.OPT_PASSTHROUGH_DATETIME
+        | orjson.OPT_PASSTHROUGH_DATACLASS
+        | orjson.OPT_NON_STR_KEYS
+    )
     encoded: str = orjson.dumps(value, option=options).decode()
     # orjson writes NaN and infinities as null; stdlib json refuses them, which is what
     # lets a bad value fail at push. Only output that contains a null can hide one.

@@ -1,0 +1,127 @@
+"""Pluggable JSON (orjson when installed) and push-time checks of a @job's kwargs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import decimal
+import functools
+import json
+import uuid
+from typing import Any
+
+import psycopg
+import pytest
+
+from chancy import Chancy, Job, Queue
+from chancy.errors import JobArgumentsError
+from chancy.store import _orjson_dumps, _stdlib_dumps, default_json, dumps
+from tests import jobs_jobs
+from tests.test_worker import serving
+
+
+def test_orjson_is_the_default_when_installed() -> None:
+    import orjson
+
+    encode, decode = default_json()
+    assert encode is _orjson_dumps and decode is orjson.loads
+
+
+@pytest.mark.parametrize("encoder", [_stdlib_dumps, _orjson_dumps])
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"x": float("nan")},
+        {"x": [1, float("inf")]},
+        {"when": dt.datetime(2030, 1, 1)},
+        {"x": object()},
+    ],
+)
+def test_both_encoders_refuse_what_json_cannot_hold(encoder: Any, value: Any) -> None:
+    with pytest.raises(JobArgumentsError, match="kwargs of f"):
+        dumps(value, "kwargs of f", encoder)
+
+
+@pytest.mark.parametrize("encoder", [_stdlib_dumps, _orjson_dumps])
+def test_both_encoders_agree_on_plain_json(encoder: Any) -> None:
+    value = {"a": [1, 2.5, None, True, "é\u2028"], "b": {"c": None}}
+    assert json.loads(dumps(value, "x", encoder)) == value
+    assert json.loads(dumps({"m": {1: "a"}}, "x", encoder)) == {"m": {"1": "a"}}
+
+
+async def test_custom_json_hooks_are_used_for_kwargs_and_decoding(dsn: str) -> None:
+    when = dt.datetime(2031, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+    app = Chancy(
+        dsn,
+        json_dumps=functools.partial(json.dumps, default=str),
+        json_loads=functools.partial(json.loads, parse_float=decimal.Decimal),
+    )
+    async with app:
+        await app.migrate()
+        await app.declare(Queue("q", executor=Chancy.Executor.Async))
+        ref = await app.push(
+            Job(
+                func="tests.jobs_jobs.kwarg_types",
+                queue="q",
+                kwargs={"when": when, "id": uuid.UUID(int=1), "price": 1.1},
+            )
+        )
+        stored = await app.get_job(ref)
+        assert stored is not None
+        assert stored.kwargs == {
+            "when": str(when),
+            "id": str(uuid.UUID(int=1)),
+            "price": decimal.Decimal("1.1"),
+        }
+        async with serving(app):
+            # The worker decoded the kwargs with the same hook.
+            result = await app.get_result(ref, wait=True, timeout=20)
+        assert result == {"when": "str", "id": "str", "price": "Decimal"}
+    with app:
+        job = app.sync_get_job(ref)
+    assert job is not None and job.kwargs["price"] == decimal.Decimal("1.1")
+
+
+async def test_job_kwargs_are_checked_against_the_signature_at_push(chancy: Chancy) -> None:
+    await chancy.declare(Queue("checked"))
+    with pytest.raises(JobArgumentsError, match=r"unexpected keyword argument\(s\): c"):
+        await chancy.push(jobs_jobs.checked.job.with_kwargs(a=1, c=3))
+    with pytest.raises(JobArgumentsError, match=r"missing required keyword argument\(s\): a"):
+        await chancy.push(jobs_jobs.checked.job.with_kwargs(b=1))
+    with pytest.raises(JobArgumentsError, match="missing"):
+        await chancy.push(Job(func="tests.jobs_jobs.checked", queue="checked"))
+    # The injected QueuedJob parameter is neither required nor accepted from the caller.
+    with pytest.raises(JobArgumentsError, match="unexpected"):
+        await chancy.push(jobs_jobs.checked.job.with_kwargs(a=1, job=None))
+    assert await chancy.push(jobs_jobs.checked.job.with_kwargs(a=1))
+    assert await chancy.push(jobs_jobs.checked_any.job.with_kwargs(a=1, anything=2))
+    # Plain functions and functions whose module is not imported here are not checked.
+    assert await chancy.push(Job(func="tests.jobs_jobs.unchecked", queue="checked"))
+    assert await chancy.push(Job(func="not_imported_anywhere.func", queue="checked"))
+    refs = [
+        r
+        async for batch in chancy.push_many(
+            [jobs_jobs.checked.job.with_kwargs(a=i) for i in range(3)]
+        )
+        for r in batch
+    ]
+    assert len(refs) == 3
+    with pytest.raises(JobArgumentsError):
+        async for _ in chancy.push_many([jobs_jobs.checked.job.with_kwargs(a=1, z=0)]):
+            pass
+
+
+async def test_argument_errors_leave_the_callers_transaction_usable(
+    chancy: Chancy, dsn: str
+) -> None:
+    await chancy.declare(Queue("checked"))
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        async with conn.transaction():
+            await conn.execute("CREATE TABLE t (id int)")
+            with pytest.raises(JobArgumentsError):
+                await chancy.push_ex(conn, jobs_jobs.checked.job.with_kwargs(nope=1))
+            await conn.execute("INSERT INTO t VALUES (1)")
+            ref = await chancy.push_ex(conn, jobs_jobs.checked.job.with_kwargs(a=2))
+        cur = await conn.execute("SELECT count(*) FROM t")
+        assert await cur.fetchone() == (1,)
+    job = await chancy.get_job(ref)
+    assert job is not None and job.kwargs == {"a": 2}
