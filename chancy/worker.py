@@ -737,6 +737,8 @@ class Worker:
         recorded = collections.Counter(outcome.job.queue for outcome in batch)
         for outcome in batch:
             self._claimed.discard((outcome.job.id, outcome.job.attempts))
+            # A thread that committed after its job was already reported (timed out).
+            self._committed.pop(outcome.job.id, None)
         for queue_name, count in recorded.items():
             self._unrecorded[queue_name] = max(self._unrecorded[queue_name] - count, 0)
             executor = self.executors.get(queue_name)

@@ -95,9 +95,7 @@ def _orjson_dumps(value: Any) -> str:
     # job never receives a string where its caller passed an object; non-str keys become
     # strings as the standard library makes them.
     options = (
-        orjson.OPT_PASSTHROUGH_DATETIME
-        | orjson.OPT_PASSTHROUGH_DATACLASS
-        | orjson.OPT_NON_STR_KEYS
+        orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_NON_STR_KEYS
     )
     encoded: str = orjson.dumps(value, option=options).decode()
     # orjson writes NaN and infinities as null; stdlib json refuses them, which is what
