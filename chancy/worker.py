@@ -121,8 +121,10 @@ class Worker:
         self._job_plugins: list[Plugin] = []
         self._completion_plugins: list[Plugin] = []
         self._update_plugins: list[Plugin] = []
-        # Latest unwritten progress of running jobs, written by the progress loop.
+        # Latest progress of running jobs (it goes with their outcome), and which of them
+        # the progress loop has still to write.
         self._progress: dict[Reference, tuple[QueuedJob, dict[str, Any]]] = {}
+        self._progress_unwritten: set[Reference] = set()
         self._progress_ready = asyncio.Event()
         # Outcomes committed in a job's own transaction, until the executor reports.
         self._committed: dict[Reference, Outcome] = {}
@@ -685,6 +687,7 @@ class Worker:
             meta = {}
         kind = execution.kind
         progress = self._progress.pop(job.id, (job, None))[1]
+        self._progress_unwritten.discard(job.id)
         if kind is Kind.SUCCEEDED:
             outcome = Outcome(job, "succeeded", meta=meta, result=execution.result)
         elif kind is Kind.SNOOZED:
@@ -737,8 +740,10 @@ class Worker:
         recorded = collections.Counter(outcome.job.queue for outcome in batch)
         for outcome in batch:
             self._claimed.discard((outcome.job.id, outcome.job.attempts))
-            # A thread that committed after its job was already reported (timed out).
+            # A thread that committed after its job was already reported (timed out), or
+            # a progress report that arrived after the outcome was taken.
             self._committed.pop(outcome.job.id, None)
+            self._progress.pop(outcome.job.id, None)
         for queue_name, count in recorded.items():
             self._unrecorded[queue_name] = max(self._unrecorded[queue_name] - count, 0)
             executor = self.executors.get(queue_name)
@@ -765,6 +770,7 @@ class Worker:
         if (job.id, job.attempts) not in self._claimed:
             return  # already recorded: a late report
         self._progress[job.id] = (job, {"percent": percent, "message": message})
+        self._progress_unwritten.add(job.id)
         self._progress_ready.set()
 
     async def _progress_loop(self) -> None:
@@ -773,15 +779,14 @@ class Worker:
         while True:
             await self._progress_ready.wait()
             self._progress_ready.clear()
-            batch, self._progress = self._progress, {}
-            updates = [(job, progress) for job, progress in batch.values()]
+            due, self._progress_unwritten = self._progress_unwritten, set()
+            updates = [self._progress[ref] for ref in due if ref in self._progress]
             try:
                 written = await self.run_op(
                     self.chancy.store.update_progress(self.worker_id, updates)
                 )
             except BaseException:
-                for job, progress in updates:  # keep the newest report
-                    self._progress.setdefault(job.id, (job, progress))
+                self._progress_unwritten.update(job.id for job, _ in updates)
                 self._progress_ready.set()
                 raise
             for job, progress in updates:
