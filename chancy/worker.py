@@ -698,7 +698,9 @@ class Worker:
         elif kind is Kind.CANCELLED:
             outcome = Outcome(job, "cancelled", error=execution.error, meta=meta)
         else:
-            state = "retrying" if job.attempts < job.max_attempts else "failed"
+            # An oversize result (raised in a job's own transaction) would come back.
+            hopeless = "chancy.errors.ResultTooLargeError" in (execution.exception or ())
+            state = "retrying" if job.attempts < job.max_attempts and not hopeless else "failed"
             outcome = Outcome(job, state, error=execution.error, meta=meta)
         outcome.exception = execution.exception
         outcome.progress = progress

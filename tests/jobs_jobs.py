@@ -133,3 +133,8 @@ def echo_kwargs(**kwargs: Any) -> dict[str, Any]:
 
 def kwarg_types(**kwargs: Any) -> dict[str, str]:
     return {name: type(value).__name__ for name, value in kwargs.items()}
+
+
+async def insert_order_big_result(order_id: int, *, conn: psycopg.AsyncConnection[Any]) -> str:
+    await conn.execute("INSERT INTO orders (id) VALUES (%s)", (order_id,))
+    return "x" * 10_000

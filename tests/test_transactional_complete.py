@@ -114,3 +114,24 @@ async def test_executors_that_cannot_give_a_connection_fail_clearly(
     assert "UnsupportedExecutorError" in job.errors[0]["traceback"]
     assert "asks for a psycopg." in job.errors[0]["traceback"]
     assert await orders(app) == []
+
+
+async def test_oversize_result_rolls_back_and_is_not_retried(dsn: str) -> None:
+    async with Chancy(dsn, max_result_size=1000) as app:
+        await app.migrate()
+        async with app.pool.connection() as conn:
+            await conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+        await app.declare(Queue("q", executor=ASYNC))
+        async with serving(app):
+            ref = await app.push(
+                Job(
+                    func="tests.jobs_jobs.insert_order_big_result",
+                    queue="q",
+                    kwargs={"order_id": 5},
+                    max_attempts=3,
+                )
+            )
+            job = await app.wait_for_job(ref, timeout=30)
+        assert job is not None and job.state == "failed" and job.attempts == 1
+        assert "ResultTooLargeError" in job.errors[0]["traceback"]
+        assert await orders(app) == []
