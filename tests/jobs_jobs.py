@@ -138,3 +138,11 @@ def kwarg_types(**kwargs: Any) -> dict[str, str]:
 async def insert_order_big_result(order_id: int, *, conn: psycopg.AsyncConnection[Any]) -> str:
     await conn.execute("INSERT INTO orders (id) VALUES (%s)", (order_id,))
     return "x" * 10_000
+
+
+def progress_until_stopped() -> None:
+    """Reports progress as fast as it can until its time limit stops it."""
+    step = 0
+    while True:
+        step += 1
+        report_progress(step % 101, "x" * 500)

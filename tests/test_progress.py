@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from chancy import Chancy, Job, Queue, QueuedJob, Worker, report_progress
+from chancy import Chancy, Job, Limit, Queue, QueuedJob, Worker, report_progress
 from chancy.errors import ConfigurationError, JobValidationError
 from chancy.plugin import Plugin
 from chancy.store import arun
@@ -110,3 +110,24 @@ def test_report_progress_validates(percent: object, message: object) -> None:
 def test_progress_interval_is_validated(dsn: str) -> None:
     with pytest.raises(ConfigurationError, match="progress_interval"):
         Worker(Chancy(dsn), progress_interval=0)
+
+
+async def test_time_limit_during_progress_reports_keeps_the_pipe_intact(chancy: Chancy) -> None:
+    await chancy.declare(Queue("q", executor=Chancy.Executor.Process, concurrency=1))
+    async with serving(chancy, progress_interval=0.05):
+        refs = [
+            await chancy.push(
+                Job(
+                    func="tests.jobs_jobs.progress_until_stopped",
+                    queue="q",
+                    limits=[Limit(Limit.Type.TIME, 0.3)],
+                )
+            )
+            for _ in range(3)
+        ]
+        after = await chancy.push(Job(func="tests.jobs.add", queue="q", kwargs={"a": 1, "b": 1}))
+        jobs = await chancy.wait_for_jobs([*refs, after], timeout=60)
+    by_id = {job.id: job for job in jobs}
+    assert all("JobTimeoutError" in by_id[r].errors[-1]["traceback"] for r in refs)
+    # The same child ran the next job: its pipe still frames messages correctly.
+    assert by_id[after].state == "succeeded" and by_id[after].result == 2

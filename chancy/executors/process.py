@@ -40,6 +40,8 @@ from chancy.job import QueuedJob, Reference
 from chancy.progress import install_sink, reset_sink
 
 CANCEL_SIGNAL = signal.SIGUSR1
+#: The signals a child raises job-ending exceptions from.
+_JOB_SIGNALS = {signal.SIGALRM, CANCEL_SIGNAL}
 
 
 class _Child:
@@ -313,8 +315,15 @@ class _PipeProgress:
         if now - self.last_sent >= self.interval:
             self.last_sent = now
             report, self.unsent = self.unsent, None
-            with contextlib.suppress(OSError):
-                self.conn.send_bytes(json.dumps({"id": self.job_id, "progress": report}).encode())
+            payload = json.dumps({"id": self.job_id, "progress": report}).encode()
+            # A time limit or cancellation raising in the middle of a write would leave
+            # half a message on the pipe: hold those signals until it is written.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _JOB_SIGNALS)
+            try:
+                with contextlib.suppress(OSError):
+                    self.conn.send_bytes(payload)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _child_run(
