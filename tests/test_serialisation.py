@@ -14,16 +14,31 @@ import pytest
 
 from chancy import Chancy, Job, Queue
 from chancy.errors import JobArgumentsError
-from chancy.store import _orjson_dumps, _stdlib_dumps, default_json, dumps
+from chancy.store import _orjson_dumps, _orjson_loads, _stdlib_dumps, default_json, dumps
 from tests import jobs_jobs
 from tests.test_worker import serving
 
 
 def test_orjson_is_the_default_when_installed() -> None:
-    import orjson
-
     encode, decode = default_json()
-    assert encode is _orjson_dumps and decode is orjson.loads
+    assert encode is _orjson_dumps and decode is _orjson_loads
+    assert decode(b'{"a": [1, 2.5]}') == {"a": [1, 2.5]}
+
+
+async def test_rows_orjson_cannot_decode_are_still_read(chancy: Chancy) -> None:
+    # Written by another client: a number beyond a double's range, which jsonb stores.
+    await chancy.declare(Queue("q"))
+    ref = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
+    async with chancy.pool.connection() as conn:
+        await conn.execute(
+            psycopg.sql.SQL("UPDATE {} SET kwargs = %s::jsonb WHERE id = %s").format(
+                chancy.store.table("jobs")
+            ),
+            ('{"n": 1e400}', ref.uuid),
+        )
+    job = await chancy.get_job(ref)
+    # jsonb keeps all 401 digits; orjson refuses them, the standard library reads them.
+    assert job is not None and job.kwargs == {"n": 10**400}
 
 
 @pytest.mark.parametrize("encoder", [_stdlib_dumps, _orjson_dumps])

@@ -105,14 +105,25 @@ def _orjson_dumps(value: Any) -> str:
     return encoded
 
 
+def _orjson_loads(text: str | bytes) -> Any:
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # jsonb holds numbers orjson refuses (beyond 64-bit integers); a row written by
+        # another client must never make a fetch fail.
+        return json.loads(text)
+
+
 def default_json() -> tuple[JsonDumps, JsonLoads]:
     """orjson's dumps/loads when it is installed (``pip install chancy[orjson]``), else
     the standard library's."""
     try:
-        import orjson
+        import orjson  # noqa: F401
     except ImportError:
         return _stdlib_dumps, json.loads
-    return _orjson_dumps, orjson.loads
+    return _orjson_dumps, _orjson_loads
 
 
 def _as_text(encoded: str | bytes) -> str:
