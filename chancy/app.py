@@ -11,7 +11,7 @@ import logging
 import select
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import psycopg
@@ -99,6 +99,7 @@ class Chancy:
         json_dumps: JsonDumps | None = None,
         json_loads: JsonLoads | None = None,
         max_result_size: int | None = DEFAULT_MAX_RESULT_SIZE,
+        validate_kwarg_types: bool = False,
     ) -> None:
         self.dsn = _dsn_from(dsn)
         default_dumps, default_loads = default_json()
@@ -111,6 +112,15 @@ class Chancy:
         ):
             raise ConfigurationError("max_result_size must be a positive int (bytes) or None")
         self.max_result_size = max_result_size
+        self._round_trip: Callable[[Mapping[str, Any]], Any] | None = None
+        if validate_kwarg_types:
+            try:
+                import pydantic  # noqa: F401
+            except ImportError:
+                raise ConfigurationError(
+                    "validate_kwarg_types needs pydantic: pip install 'chancy[pydantic]'"
+                ) from None
+            self._round_trip = lambda kwargs: self.json_loads(self.json_dumps(kwargs))
         self.store = Store(prefix, json_dumps=self.json_dumps, notify_completions=notifications)
         self.prefix = prefix
         if not 0 <= min_connection_pool_size <= max_connection_pool_size:
@@ -376,7 +386,7 @@ class Chancy:
         for job in jobs:
             if not isinstance(job, Job):
                 raise JobValidationError(f"push() needs Job instances, not {job!r}")
-            check_job_arguments(job)
+            check_job_arguments(job, self._round_trip)
         return self.store.push_jobs(
             jobs, require_queues=self.require_declared_queues, notify=self.notifications
         )

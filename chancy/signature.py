@@ -3,6 +3,10 @@
 Only functions decorated with :func:`chancy.job` are checked, and only when their module is
 already imported in the pushing process: pushing by name must never import (and run) a
 module, and a plain function may be a stand-in that the workers resolve differently.
+
+Names are always checked. With ``Chancy(validate_kwarg_types=True)`` (``pip install
+chancy[pydantic]``) each value is also checked, strictly, against its parameter's type
+annotation *as the job will receive it* (after the JSON round trip).
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import sys
+import typing
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from chancy.errors import JobArgumentsError
@@ -22,7 +28,9 @@ class _Shape:
     accepted: frozenset[str]
     required: frozenset[str]
     any_keyword: bool
-    validator: Any = None
+    function: Any = None
+    #: Parameter name -> pydantic TypeAdapter, built on the first typed check.
+    adapters: dict[str, Any] | None = None
 
 
 _shapes: dict[str, _Shape | None] = {}
@@ -68,12 +76,39 @@ def _shape_of(func: JobFunction[Any, Any]) -> _Shape:
         accepted.add(name)
         if param.default is inspect.Parameter.empty:
             required.add(name)
-    return _Shape(frozenset(accepted), frozenset(required), any_keyword)
+    return _Shape(frozenset(accepted), frozenset(required), any_keyword, inner)
 
 
-def check_job_arguments(job: Job) -> None:
+def _adapters(shape: _Shape) -> dict[str, Any]:
+    """TypeAdapters for the annotated parameters pydantic understands (others are left
+    unchecked: an annotation is a hint, not a contract Chancy can always evaluate)."""
+    if shape.adapters is not None:
+        return shape.adapters
+    from pydantic import TypeAdapter
+
+    adapters: dict[str, Any] = {}
+    try:
+        hints = typing.get_type_hints(shape.function)
+    except Exception:
+        hints = {}
+    for name in shape.accepted:
+        if name in hints:
+            try:
+                adapters[name] = TypeAdapter(hints[name])
+            except Exception:
+                continue
+    object.__setattr__(shape, "adapters", adapters)
+    return adapters
+
+
+RoundTrip = Callable[[Mapping[str, Any]], Any]
+
+
+def check_job_arguments(job: Job, round_trip: RoundTrip | None = None) -> None:
     """Raise :class:`JobArgumentsError` if ``job.kwargs`` cannot call its ``@job``
-    function: an unknown keyword, or a required one missing."""
+    function: an unknown keyword, or a required one missing. With ``round_trip`` (the
+    kwargs encoded and decoded as a worker will receive them), also a value that does
+    not strictly match its parameter's annotation."""
     shape = _shapes.get(job.func)
     if shape is None:
         if job.func in _shapes:
@@ -98,3 +133,29 @@ def check_job_arguments(job: Job) -> None:
         raise JobArgumentsError(
             f"{job.func} is missing required keyword argument(s): {', '.join(missing)}"
         )
+    if round_trip is not None:
+        _check_types(job, shape, round_trip)
+
+
+def _check_types(job: Job, shape: _Shape, round_trip: RoundTrip) -> None:
+    from pydantic import ValidationError
+
+    adapters = _adapters(shape)
+    if not adapters or not any(name in adapters for name in job.kwargs):
+        return
+    try:
+        received = round_trip(job.kwargs)
+    except (TypeError, ValueError):
+        return  # not JSON: the store refuses it with its own error
+    for name, adapter in adapters.items():
+        if name not in received:
+            continue
+        try:
+            adapter.validate_python(received[name], strict=True)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = "".join(f"[{part!r}]" for part in first.get("loc", ()))
+            raise JobArgumentsError(
+                f"{job.func}: argument {name}{where} ({received[name]!r} as the job receives "
+                f"it): {first.get('msg', exc)}"
+            ) from None

@@ -4,6 +4,7 @@ tests (importable by workers and child processes)."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import time
 from pathlib import Path
@@ -146,3 +147,13 @@ def progress_until_stopped() -> None:
     while True:
         step += 1
         report_progress(step % 101, "x" * 500)
+
+
+@job(queue="checked")
+def typed(count: int, names: list[str], ratio: float = 1.0, *, job: QueuedJob) -> int:
+    return count
+
+
+@job(queue="checked")
+def typed_when(when: dt.datetime) -> str:
+    return when.isoformat()
