@@ -159,7 +159,7 @@ async def test_kwarg_types_are_checked_as_the_job_receives_them(dsn: str) -> Non
         # this app's encoder accepts it.
         when = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
         for value in (when, when.isoformat()):
-            with pytest.raises(JobArgumentsError, match="argument when .* valid datetime"):
+            with pytest.raises(JobArgumentsError, match=r"argument when .* valid datetime"):
                 await app.push(jobs_jobs.typed_when.job.with_kwargs(when=value))
     # Off by default: only names are checked.
     async with Chancy(dsn) as lenient:
