@@ -72,6 +72,11 @@ class Chancy:
     ``require_declared_queues`` (default True) makes a push to a queue that was never
     declared raise :class:`~chancy.errors.UnknownQueueError`; set it False to allow pushing
     ahead of the declaration.
+
+    ``json_dumps``/``json_loads`` replace the JSON codec for job data (orjson by default
+    when installed); ``max_result_size`` caps a stored result's JSON in bytes (a larger
+    one fails its job); ``validate_kwarg_types`` checks kwargs against ``@job``
+    annotations at push (needs pydantic). See docs/results.md.
     """
 
     class Executor(enum.StrEnum):
@@ -536,7 +541,7 @@ class Chancy:
         if self.notifications and pending:
             listener = self._listener = self._listener or _CompletionListener(self)
             listener.add(wake, {str(r) for r in pending})
-            await listener.start()
+            await listener.start(5 if timeout is None else min(5, timeout))
         try:
             delay = min(0.01, interval)
             done: dict[Reference, QueuedJob] = {}
@@ -718,14 +723,17 @@ class _CompletionListener:
     def remove(self, wake: asyncio.Event) -> None:
         self.waiters.pop(wake, None)
 
-    async def start(self) -> bool:
-        """Make sure the connection listens; False if it cannot (waiters then poll)."""
+    async def start(self, timeout: float) -> bool:
+        """Make sure the connection listens, waiting up to ``timeout`` seconds for it;
+        False if it does not (yet): waiters then poll."""
         if self.task is None or self.task.done():
             self.ready = asyncio.Event()
             self.task = asyncio.create_task(self._listen(), name="chancy-completions")
         if not self.ready.is_set():
             ready = asyncio.ensure_future(self.ready.wait())
-            await asyncio.wait({ready, self.task}, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                {ready, self.task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
             ready.cancel()
         return self.ready.is_set()
 

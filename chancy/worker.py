@@ -48,7 +48,8 @@ class Worker:
     ``await worker.start()`` blocks until the worker stops (SIGTERM/SIGINT or
     :meth:`stop`); ``async with Worker(chancy) as worker:`` runs it in the background for
     the body of the block. A dead worker's jobs run again within about
-    ``heartbeat_timeout`` + the Recovery plugin's interval.
+    ``heartbeat_timeout`` + the Recovery plugin's interval. Progress that jobs report is
+    written at most once per ``progress_interval`` seconds.
     """
 
     def __init__(

@@ -100,7 +100,7 @@ async def test_waiter_is_woken_by_the_completion_notification(chancy: Chancy) ->
     listener.add(mine, {str(ref)})
     listener.add(unrelated, {"0190c3d2-0000-7000-8000-000000000000"})
     try:
-        assert await listener.start()
+        assert await listener.start(10)
         async with serving(chancy, worker_id="w"):
             # Nothing polls here: only the notification can set the event.
             await asyncio.wait_for(mine.wait(), timeout=20)
