@@ -87,6 +87,11 @@ class Snooze(ChancyError):
         super().__init__(f"snoozed for {self.delay} s")
 
 
+class CronValidationError(ChancyError, ValueError):
+    """A cron schedule is invalid: a bad expression or time zone, or a job without a
+    ``unique_key``. Raised by ``Cron.schedule`` before any SQL runs."""
+
+
 class JobNotFoundError(ChancyError, LookupError):
     """The job does not exist: it was never pushed, or it was deleted (pruned, purged)."""
 
