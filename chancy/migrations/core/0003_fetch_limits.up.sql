@@ -47,6 +47,7 @@ RETURNS TABLE (
 LANGUAGE plpgsql
 SET enable_bitmapscan = off
 SET enable_sort = off
+SET enable_seqscan = off
 AS $body$
 #variable_conflict use_column
 DECLARE
@@ -64,6 +65,9 @@ DECLARE
     v_slot integer;
     v_running integer;
     v_candidate record;
+    -- The claim time: for a rate-limited queue, the clock read under the rate row's lock,
+    -- so that a job's started_at falls in the window that counted it.
+    v_now timestamptz := now();
 BEGIN
     SELECT q.rate_limit, q.rate_limit_window, q.concurrency_key_limit
     INTO v_rate_limit, v_window, v_key_limit
@@ -77,8 +81,8 @@ BEGIN
         FROM {queue_rates} AS r WHERE r.queue = p_queue
         FOR UPDATE;
         -- Read the clock once the lock is held: windows then only move forward.
-        v_current := to_timestamp(
-            floor(extract(epoch FROM clock_timestamp()) / v_window) * v_window);
+        v_now := clock_timestamp();
+        v_current := to_timestamp(floor(extract(epoch FROM v_now) / v_window) * v_window);
         IF v_window_start < v_current THEN
             v_window_start := v_current;
             v_started := 0;
@@ -98,7 +102,7 @@ BEGIN
                 FROM {jobs} AS c
                 WHERE c.queue = p_queue
                   AND c.state IN ('pending', 'retrying')
-                  AND c.scheduled_at <= now()
+                  AND c.scheduled_at <= v_now
                 ORDER BY c.priority DESC, c.scheduled_at, c.id
             LOOP
                 IF v_candidate.concurrency_key IS NULL THEN
@@ -134,13 +138,15 @@ BEGIN
             RETURN QUERY
             UPDATE {jobs} AS j
             SET state = 'running', attempts = j.attempts + 1, taken_by = p_worker_id,
-                started_at = now()
+                started_at = v_now
             WHERE j.id = ANY(ARRAY(
                 SELECT c.id
                 FROM {jobs} AS c
                 WHERE c.id = ANY(v_ids)
-                  AND c.state IN ('pending', 'retrying')
-                  AND c.scheduled_at <= now()
+                  -- Written so that the fetch index cannot serve it: the chosen jobs
+                  -- are looked up by primary key.
+                  AND (c.state IN ('pending', 'retrying')) IS TRUE
+                  AND c.scheduled_at <= v_now
                 FOR UPDATE SKIP LOCKED
             ))
             RETURNING j.id, j.queue, j.func, j.kwargs, nullif(j.meta, '{{}}'::jsonb),
@@ -152,13 +158,13 @@ BEGIN
             RETURN QUERY
             UPDATE {jobs} AS j
             SET state = 'running', attempts = j.attempts + 1, taken_by = p_worker_id,
-                started_at = now()
+                started_at = v_now
             WHERE j.id = ANY(ARRAY(
                 SELECT c.id
                 FROM {jobs} AS c
                 WHERE c.queue = p_queue
                   AND c.state IN ('pending', 'retrying')
-                  AND c.scheduled_at <= now()
+                  AND c.scheduled_at <= v_now
                   -- A keyed job pushed since the probe above waits for the keyed fetch.
                   AND c.concurrency_key IS NULL
                 ORDER BY c.priority DESC, c.scheduled_at, c.id
