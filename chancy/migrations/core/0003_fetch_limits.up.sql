@@ -135,6 +135,13 @@ BEGIN
                 END IF;
                 EXIT WHEN cardinality(v_ids) >= v_budget;
             END LOOP;
+            -- Claimed after every count above: a job's started_at is then later than the
+            -- completed_at of the job whose place it takes (kept inside the rate window).
+            v_now := clock_timestamp();
+            IF v_rate_limit IS NOT NULL AND v_window IS NOT NULL THEN
+                v_now := least(v_now, v_window_start + make_interval(secs => v_window)
+                                      - interval '1 microsecond');
+            END IF;
             RETURN QUERY
             UPDATE {jobs} AS j
             SET state = 'running', attempts = j.attempts + 1, taken_by = p_worker_id,
