@@ -69,7 +69,8 @@ async def main() -> None:
     for round_ in range(1, args.rounds + 1):
         old = await drain_ms_per_fetch(server, 2, args.jobs, args.batch)
         new = await drain_ms_per_fetch(server, 3, args.jobs, args.batch)
-        print(f"round {round_}: 0002 {old:.2f} ms/fetch, 0003 {new:.2f} ms/fetch ({new / old:.2f}x)")
+        ratio = new / old
+        print(f"round {round_}: 0002 {old:.2f} ms/fetch, 0003 {new:.2f} ms/fetch ({ratio:.2f}x)")
 
 
 if __name__ == "__main__":
