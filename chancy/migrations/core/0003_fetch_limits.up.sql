@@ -83,6 +83,8 @@ BEGIN
         -- Read the clock once the lock is held: windows then only move forward.
         v_now := clock_timestamp();
         v_current := to_timestamp(floor(extract(epoch FROM v_now) / v_window) * v_window);
+        -- A count from an earlier window is dropped. (One stamped later than the clock,
+        -- after a clock step back or a change of window length, is kept: conservative.)
         IF v_window_start < v_current THEN
             v_window_start := v_current;
             v_started := 0;
@@ -139,7 +141,7 @@ BEGIN
             -- completed_at of the job whose place it takes (kept inside the rate window).
             v_now := clock_timestamp();
             IF v_rate_limit IS NOT NULL AND v_window IS NOT NULL THEN
-                v_now := least(v_now, v_window_start + make_interval(secs => v_window)
+                v_now := least(v_now, v_current + make_interval(secs => v_window)
                                       - interval '1 microsecond');
             END IF;
             RETURN QUERY
@@ -188,16 +190,18 @@ BEGIN
     END IF;
 
     IF v_rate_limit IS NOT NULL AND v_window IS NOT NULL THEN
-        UPDATE {queue_rates} AS r
-        SET window_start = v_window_start, started = v_started + v_claimed
-        WHERE r.queue = p_queue;
+        IF v_claimed > 0 THEN
+            UPDATE {queue_rates} AS r
+            SET window_start = v_window_start, started = v_started + v_claimed
+            WHERE r.queue = p_queue;
+        END IF;
         IF v_started + v_claimed >= v_rate_limit THEN
             -- Tell the caller the window is spent (on an extra row without a job).
             RETURN QUERY SELECT NULL::uuid, NULL::text, NULL::text, NULL::jsonb,
                 NULL::jsonb, NULL::jsonb, NULL::smallint, NULL::text, NULL::integer,
                 NULL::integer, NULL::text, NULL::text, NULL::text, NULL::timestamptz,
                 NULL::timestamptz, NULL::timestamptz,
-                greatest(extract(epoch FROM v_window_start
+                greatest(extract(epoch FROM v_current
                     + make_interval(secs => v_window) - clock_timestamp())::float8, 0.001);
         END IF;
     END IF;
