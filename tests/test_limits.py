@@ -17,6 +17,7 @@ import pytest
 from chancy import Chancy, Job, Queue, QueuedJob, Worker
 from chancy.errors import JobValidationError, QueueValidationError
 from chancy.store import Claim, Store, arun
+from tests.proc import worker_processes
 
 ASYNC = Chancy.Executor.Async
 
@@ -288,6 +289,48 @@ def _max_overlap(jobs: list[QueuedJob]) -> int:
         running += step
         peak = max(peak, running)
     return peak
+
+
+async def test_worker_processes_share_rate_and_key_limits(
+    chancy: Chancy, python: str, subprocess_env: dict[str, str]
+) -> None:
+    # Three worker processes, two slots each: the six tenants need more than one of them,
+    # and the limits hold for all of them together.
+    await chancy.declare(
+        Queue(
+            "pk",
+            executor=ASYNC,
+            concurrency=2,
+            polling_interval=0.2,
+            rate_limit=5,
+            rate_limit_window=1,
+            concurrency_key_limit=1,
+        )
+    )
+    jobs = [
+        Job(
+            func="tests.jobs.async_sleep",
+            queue="pk",
+            kwargs={"seconds": 0.3},
+            concurrency_key=f"tenant:{i % 6}",
+        )
+        for i in range(18)
+    ]
+    with worker_processes(python, subprocess_env) as processes:
+        for n in range(3):
+            await processes.start(f"p{n}")
+        pushed = await chancy.push_detailed(jobs)
+        done = await chancy.wait_for_jobs([p.reference for p in pushed], timeout=60, interval=0.1)
+    assert [j.state for j in done] == ["succeeded"] * len(jobs)
+    per_window = collections.Counter(_start(j)[0].replace(microsecond=0) for j in done)
+    assert max(per_window.values()) <= 5 and len(per_window) >= 4
+    for tenant in range(6):
+        mine = [j for j in done if j.concurrency_key == f"tenant:{tenant}"]
+        assert _max_overlap(mine) == 1
+        assert [j.id for j in sorted(mine, key=_start)] == sorted(
+            (j.id for j in mine), key=lambda r: r.uuid
+        )
+    assert len({j.taken_by for j in done}) > 1
 
 
 async def test_worker_fetches_the_next_job_of_a_key_when_one_finishes(dsn: str) -> None:
