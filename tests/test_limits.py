@@ -241,6 +241,25 @@ async def test_a_busy_key_does_not_hold_up_other_keys(chancy: Chancy) -> None:
     assert (await claim(chancy, "q", "w", 10)).jobs == []
 
 
+async def test_a_fetch_locks_only_the_keys_it_can_claim_from(chancy: Chancy) -> None:
+    # 300 keys, each with one job running and one waiting: the fetch walks past all the
+    # waiting ones without taking a lock for each (the shared lock table is finite).
+    await chancy.declare(Queue("q"))
+    keyed = [Job(func="tests.jobs.noop", queue="q", concurrency_key=f"c{i}") for i in range(300)]
+    await chancy.push_detailed(keyed)
+    assert len((await claim(chancy, "q", "w", 300)).jobs) == 300
+    await chancy.push_detailed([*keyed, Job(func="tests.jobs.noop", queue="q")])
+    async with await psycopg.AsyncConnection.connect(chancy.dsn) as conn:
+        got = await arun(conn, chancy.store.claim_jobs("q", "w", 10))
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid()"
+        )
+        row = await cur.fetchone()
+        await conn.rollback()
+    assert [j.concurrency_key for j in got.jobs] == [None]
+    assert row is not None and row[0] == 0
+
+
 async def test_keys_are_limited_across_workers(chancy: Chancy) -> None:
     await chancy.declare(
         Queue("k", executor=ASYNC, concurrency=3, concurrency_key_limit=2, polling_interval=0.1)

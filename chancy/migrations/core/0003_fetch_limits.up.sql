@@ -32,11 +32,11 @@ DROP FUNCTION {fetch_jobs}(text, text, integer);
 -- says in retry_in how many seconds remain until the next window opens.
 --
 -- Concurrency keys: when the queue has keyed jobs waiting, the fetch walks the fetch index
--- in order and takes a keyed job only while its key has a free place. A key is examined
--- under a transaction-scoped advisory lock (taken without waiting: a key another fetch is
--- examining is skipped this time), and its running jobs are counted after the lock is
--- held, so two workers can never together exceed the limit. Jobs of one key start in fetch
--- order. Queues without keyed jobs run the single statement of 0002.
+-- in order and takes a keyed job only while its key has a free place. A key that looks
+-- free is taken under a transaction-scoped advisory lock (without waiting: a key another
+-- fetch holds is skipped this time) and its running jobs are counted again once the lock
+-- is held, so two workers can never together exceed the limit. Jobs of one key start in
+-- fetch order. Queues without keyed jobs run the single statement of 0002.
 CREATE FUNCTION {fetch_jobs}(p_queue text, p_worker_id text, p_limit integer)
 RETURNS TABLE (
     id uuid, queue text, func text, kwargs jsonb, meta jsonb, limits jsonb,
@@ -62,6 +62,8 @@ DECLARE
     v_ids uuid[] := '{{}}';
     v_keys text[] := '{{}}';
     v_room integer[] := '{{}}';
+    v_full text[] := '{{}}';
+    v_full_next integer := 1;
     v_slot integer;
     v_running integer;
     v_candidate record;
@@ -111,26 +113,36 @@ BEGIN
                     v_ids := v_ids || v_candidate.id;
                 ELSE
                     v_slot := array_position(v_keys, v_candidate.concurrency_key);
-                    IF v_slot IS NULL THEN
-                        v_keys := v_keys || v_candidate.concurrency_key;
-                        v_slot := cardinality(v_keys);
-                        IF pg_try_advisory_xact_lock(
+                    IF v_slot IS NULL AND NOT v_candidate.concurrency_key = ANY(v_full) THEN
+                        -- Full keys are recognised without a lock, so that a fetch locks
+                        -- about as many keys as it claims jobs, however many it walks past.
+                        SELECT count(*) INTO v_running
+                        FROM {jobs} AS r
+                        WHERE r.queue = p_queue
+                          AND r.concurrency_key = v_candidate.concurrency_key
+                          AND r.state = 'running';
+                        IF v_running < v_key_limit AND pg_try_advisory_xact_lock(
                             hashtextextended(p_queue || chr(10) || v_candidate.concurrency_key,
                                              7364819))
                         THEN
-                            -- A new statement: its snapshot sees every claim committed
-                            -- before the lock was granted.
+                            -- Counted again in a new statement: its snapshot sees every
+                            -- claim committed before the lock was granted.
                             SELECT count(*) INTO v_running
                             FROM {jobs} AS r
                             WHERE r.queue = p_queue
                               AND r.concurrency_key = v_candidate.concurrency_key
                               AND r.state = 'running';
+                            v_keys := v_keys || v_candidate.concurrency_key;
                             v_room := v_room || greatest(v_key_limit - v_running, 0);
+                            v_slot := cardinality(v_keys);
                         ELSE
-                            v_room := v_room || 0;
+                            -- Full, or being examined by another fetch: skipped. A few of
+                            -- these are remembered (most backlogs of one key are adjacent).
+                            v_full[v_full_next] := v_candidate.concurrency_key;
+                            v_full_next := v_full_next % 64 + 1;
                         END IF;
                     END IF;
-                    IF v_room[v_slot] > 0 THEN
+                    IF v_slot IS NOT NULL AND v_room[v_slot] > 0 THEN
                         v_room[v_slot] := v_room[v_slot] - 1;
                         v_ids := v_ids || v_candidate.id;
                     END IF;
