@@ -77,14 +77,86 @@ def compose(text: str, prefix: str, **slots: sql.Composable) -> sql.Composed:
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-def dumps(value: Any, what: str) -> str:
-    """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
+#: Largest accepted JSON encoding of a job's kwargs (or meta), in bytes.
+MAX_PAYLOAD_BYTES = 1024 * 1024
+#: Deepest accepted nesting of lists and dicts in kwargs (or meta).
+MAX_PAYLOAD_DEPTH = 100
+_INT64 = 2**63
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "a string with a NUL character, which jsonb cannot store"
     try:
-        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise JobArgumentsError(f"{what} must be JSON-serialisable: {exc}") from None
-    if "\\u0000" in encoded and _JSON_NUL.search(encoded):
-        raise JobArgumentsError(f"{what} contains a NUL character, which jsonb cannot store")
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a string with a lone surrogate, which is not valid Unicode"
+    return None
+
+
+def _payload_problem(value: Any, root: str) -> tuple[str, str] | None:
+    """The first value JSON (or jsonb, or a consumer reading int64) cannot hold faithfully,
+    as (path, reason), e.g. ``("kwargs['a'][3]", "a set")``; None if all is well. Walks
+    iteratively, so deep nesting cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(value, root, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, str):
+            reason = _string_problem(item)
+            if reason is not None:
+                return path, reason
+        elif isinstance(item, int):
+            if not -_INT64 <= item < _INT64:
+                return path, "an integer outside the signed 64-bit range"
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                return path, f"{item!r}, which JSON cannot represent"
+        elif isinstance(item, dict | list | tuple):
+            if depth >= MAX_PAYLOAD_DEPTH:
+                return path, f"nested deeper than {MAX_PAYLOAD_DEPTH} levels"
+            if isinstance(item, dict):
+                children = []
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return (
+                            f"{path}[{key!r}]",
+                            f"a key of type {type(key).__name__} (keys must be str)",
+                        )
+                    reason = _string_problem(key)
+                    if reason is not None:
+                        return f"{path}[{key!r}]", f"a key that is {reason}"
+                    children.append((child, f"{path}[{key!r}]", depth + 1))
+                stack.extend(reversed(children))
+            else:
+                stack.extend(
+                    (item[i], f"{path}[{i}]", depth + 1) for i in range(len(item) - 1, -1, -1)
+                )
+        else:
+            return (
+                path,
+                f"a {type(item).__name__}, which is not JSON "
+                "(use str, int, float, bool, None, list or dict)",
+            )
+    return None
+
+
+def dumps(value: Any, what: str) -> str:
+    """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what`` and
+    the path of the offending value (``kwargs['a'][3]``)."""
+    root = what.split(" ", 1)[0]
+    problem = _payload_problem(value, root)
+    if problem is not None:
+        path, reason = problem
+        raise JobArgumentsError(f"{what}: {path} is {reason}", path=path)
+    encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    if len(encoded) > MAX_PAYLOAD_BYTES and len(encoded.encode()) > MAX_PAYLOAD_BYTES:
+        raise JobArgumentsError(
+            f"{what}: {root} is {len(encoded.encode())} bytes as JSON, over the "
+            f"{MAX_PAYLOAD_BYTES}-byte limit; store large data elsewhere and pass a key",
+            path=root,
+        )
     return encoded
 
 
