@@ -41,7 +41,7 @@ _HEADER_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` if it can prefix table names, else raise :class:`InvalidNameError`."""
-    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+    if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
         raise InvalidNameError(
             f"invalid table prefix {prefix!r}: use 1-30 of [a-z0-9_], not starting with a digit"
         )
