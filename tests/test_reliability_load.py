@@ -1,15 +1,17 @@
 """Load (issue 4, items 11-12): a soak at a fixed rate with pruning on, and a large backlog
 behind a much larger history of finished jobs.
 
-The CI forms are short. In them the jobs table cannot show its *byte* plateau: freed space
-is reused only after (auto)vacuum, which visits a database once a minute on a default
-server, so the short soak asserts the plateau of rows; the long form (scripts/chaos, three
-minutes) asserts table + index bytes.
+Freed space in the jobs table is reused only after VACUUM. The soak runs VACUUM on the
+jobs table itself at a fixed pace, standing in for autovacuum: autovacuum visits a database
+once a minute at best (longer than the CI soak) and is switched off on some servers (this
+machine's included). What the soak then checks is that Chancy's churn leaves nothing that
+VACUUM cannot reclaim: rows and table + index bytes plateau.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import statistics
 import time
 import uuid
@@ -49,7 +51,19 @@ async def table_rows(chancy: Chancy) -> int:
         return int(row[0])
 
 
-async def soak(dsn: str, seconds: float, rate: int, *, check_bytes: bool) -> None:
+async def vacuum_every(dsn: str, table: str, seconds: float, stop: asyncio.Event) -> int:
+    """VACUUM ``table`` every ``seconds`` until ``stop``; returns how many times it ran."""
+    runs = 0
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), seconds)
+            await conn.execute(sql.SQL("VACUUM {}").format(sql.Identifier(table)))
+            runs += 1
+    return runs
+
+
+async def soak(dsn: str, seconds: float, rate: int) -> None:
     chancy = Chancy(
         dsn,
         plugins=[
@@ -72,6 +86,10 @@ async def soak(dsn: str, seconds: float, rate: int, *, check_bytes: bool) -> Non
 
         pushed: list[str] = []
         samples: dict[str, tuple[int, int]] = {}
+        stop_vacuum = asyncio.Event()
+        vacuum = asyncio.create_task(
+            vacuum_every(dsn, chancy.prefix + "jobs", min(seconds / 6, 30), stop_vacuum)
+        )
         async with Worker(
             chancy, register_signal_handlers=False, heartbeat_poll_interval=1, heartbeat_timeout=5
         ) as worker:
@@ -97,6 +115,8 @@ async def soak(dsn: str, seconds: float, rate: int, *, check_bytes: bool) -> Non
                 await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             samples["end"] = (await table_bytes(chancy), await table_rows(chancy))
             elapsed = time.monotonic() - started
+            stop_vacuum.set()
+            vacuums = await vacuum
 
             async def drained() -> bool:
                 return all(rel_jobs.RUNS[t] for t in pushed)
@@ -123,24 +143,25 @@ async def soak(dsn: str, seconds: float, rate: int, *, check_bytes: bool) -> Non
             size_growth=growth,
             rows_third=third_rows,
             rows_end=end_rows,
+            vacuums=vacuums,
         )
         assert lost == 0 and duplicates == 0
         assert p99 < 2.0, f"pickup p99 {p99:.3f} s"
         assert len(pickups) >= len(pushed)
-        # Pruning keeps the finished rows bounded: rows plateau (a floor absorbs jitter).
+        # Pruning keeps the finished rows bounded: rows plateau (a floor absorbs jitter)...
         assert end_rows <= max(1.5 * third_rows, 3 * rate), (third_rows, end_rows)
-        if check_bytes:
-            assert growth <= 1.5, f"jobs table + indexes grew {growth:.2f}x after one third"
+        # ...and VACUUM can reclaim everything the churn leaves behind.
+        assert growth <= 1.5, f"jobs table + indexes grew {growth:.2f}x after one third"
 
 
 async def test_soak_short(dsn: str) -> None:
-    await soak(dsn, seconds=12, rate=100, check_bytes=False)
+    await soak(dsn, seconds=12, rate=100)
 
 
 @pytest.mark.long
 @pytest.mark.timeout(900)
 async def test_soak_long(dsn: str) -> None:
-    await soak(dsn, seconds=180, rate=100, check_bytes=True)
+    await soak(dsn, seconds=180, rate=100)
 
 
 # -- 12. a backlog behind a large history ----------------------------------------------
