@@ -74,15 +74,15 @@ def unaccounted_runs(
     At-least-once allows a job to run again when its worker died before recording the
     outcome: such a rerun is a counted attempt whose predecessor failed with
     WorkerDiedError. A duplicate is a run the database does not account for: more starts
-    than attempts, or a job that ended twice without its earlier attempt being declared
-    dead."""
+    than attempts (fewer is fine: a worker may die after claiming a job, before starting
+    it), or a job that ended twice without its earlier attempt being declared dead."""
     starts, ends = run_counts(path)
     tag_of = {ref: f"{prefix}{n}" for n, ref in enumerate(refs)}
     duplicates = reruns = 0
     for row in rows:
         tag = tag_of[Reference(row["id"])]
         died = [e for e in row["errors"] if "WorkerDiedError" in e["traceback"]]
-        if starts[tag] != row["attempts"] or ends[tag] > 1 + len(died):
+        if starts[tag] > row["attempts"] or ends[tag] > 1 + len(died):
             duplicates += 1
         elif ends[tag] > 1:
             reruns += 1
@@ -133,9 +133,9 @@ async def kill_9_cycles(
             ]
             all_refs += refs
 
-            async def all_started(refs: list[Reference] = refs) -> bool:
-                rows = await job_rows(chancy, refs)
-                return all(r["state"] == "running" for r in rows) and len(rows) == len(refs)
+            async def all_started(cycle: int = cycle) -> bool:
+                starts, _ = run_counts(path)
+                return sum(1 for t in starts if t.startswith(f"c{cycle}j")) == jobs
 
             await eventually(all_started, timeout=20, what=f"{jobs} jobs running (cycle {cycle})")
             rows = await job_rows(chancy, refs)

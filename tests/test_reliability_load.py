@@ -4,8 +4,11 @@ behind a much larger history of finished jobs.
 Freed space in the jobs table is reused only after VACUUM. The soak runs VACUUM on the
 jobs table itself at a fixed pace, standing in for autovacuum: autovacuum visits a database
 once a minute at best (longer than the CI soak) and is switched off on some servers (this
-machine's included). What the soak then checks is that Chancy's churn leaves nothing that
-VACUUM cannot reclaim: rows and table + index bytes plateau.
+machine's included). The soak then checks that Chancy's churn leaves nothing VACUUM cannot
+reclaim: rows and table + index bytes plateau. VACUUM cannot remove row versions that any
+other transaction in the database may still see, so on a shared server a long transaction
+elsewhere inflates a short window: the CI form checks the row plateau and reports bytes;
+the long form (scripts/chaos, three minutes) asserts the byte plateau.
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ async def vacuum_every(dsn: str, table: str, seconds: float, stop: asyncio.Event
     return runs
 
 
-async def soak(dsn: str, seconds: float, rate: int) -> None:
+async def soak(dsn: str, seconds: float, rate: int, *, check_bytes: bool) -> None:
     chancy = Chancy(
         dsn,
         plugins=[
@@ -151,17 +154,18 @@ async def soak(dsn: str, seconds: float, rate: int) -> None:
         # Pruning keeps the finished rows bounded: rows plateau (a floor absorbs jitter)...
         assert end_rows <= max(1.5 * third_rows, 3 * rate), (third_rows, end_rows)
         # ...and VACUUM can reclaim everything the churn leaves behind.
-        assert growth <= 1.5, f"jobs table + indexes grew {growth:.2f}x after one third"
+        if check_bytes:
+            assert growth <= 1.5, f"jobs table + indexes grew {growth:.2f}x after one third"
 
 
 async def test_soak_short(dsn: str) -> None:
-    await soak(dsn, seconds=12, rate=100)
+    await soak(dsn, seconds=12, rate=100, check_bytes=False)
 
 
 @pytest.mark.long
 @pytest.mark.timeout(900)
 async def test_soak_long(dsn: str) -> None:
-    await soak(dsn, seconds=180, rate=100)
+    await soak(dsn, seconds=180, rate=100, check_bytes=True)
 
 
 # -- 12. a backlog behind a large history ----------------------------------------------
