@@ -481,7 +481,7 @@ async def leader_failovers(chancy: Chancy, workers: RelWorkers, rounds: int) -> 
 
 
 async def test_leader_kill_9_repeatedly(chancy: Chancy, workers: RelWorkers) -> None:
-    await leader_failovers(chancy, workers, rounds=3)
+    await leader_failovers(chancy, workers, rounds=2)
 
 
 @pytest.mark.long

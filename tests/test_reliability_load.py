@@ -96,7 +96,7 @@ async def soak(dsn: str, seconds: float, rate: int, *, check_bytes: bool) -> Non
         async with Worker(
             chancy, register_signal_handlers=False, heartbeat_poll_interval=1, heartbeat_timeout=5
         ) as worker:
-            worker.hub.on("job.started", on_started)  # type: ignore[arg-type]
+            worker.hub.on("job.started", on_started)
             started = time.monotonic()
             tick = 0.1
             per_tick = max(1, round(rate * tick))

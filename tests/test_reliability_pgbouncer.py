@@ -15,6 +15,7 @@ import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict
@@ -85,7 +86,7 @@ async def test_recovery_through_pgbouncer(
     env = {**subprocess_env, "BOUNCER_DSN": bouncer_dsn}
     workers = RelWorkers(python, env)
     flags = ("--no-notifications",)
-    settings = {"dsn_env": "BOUNCER_DSN", "prepare_threshold": "none"}
+    settings: dict[str, Any] = {"dsn_env": "BOUNCER_DSN", "prepare_threshold": "none"}
     try:
         async with app:
             await app.migrate()
