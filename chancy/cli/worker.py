@@ -63,3 +63,8 @@ def start(
         click.echo(f"worker {the_worker.worker_id} stopped", err=True)
 
     run_with_app(state, serve)
+
+
+from chancy.cli.web import web  # noqa: E402 - the dashboard command lives in its own module
+
+worker.add_command(web)
