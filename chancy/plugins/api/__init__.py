@@ -40,13 +40,19 @@ def create_app(
     auth: AuthBackend | None,
     secret_key: str | bytes | None = None,
     session_max_age: int = 12 * 3600,
+    manage_pool: bool = False,
 ) -> ASGIApp:
     """The dashboard as an ASGI application (to mount in your own server). ``auth=None``
-    serves it without login: only do that behind your own authentication."""
+    serves it without login: only do that behind your own authentication. With
+    ``manage_pool`` the app's lifespan opens and closes ``chancy``'s async pool."""
     from chancy.plugins.api.app import Dashboard
 
     return Dashboard(
-        chancy, auth=auth, secret_key=secret_key, session_max_age=session_max_age
+        chancy,
+        auth=auth,
+        secret_key=secret_key,
+        session_max_age=session_max_age,
+        manage_pool=manage_pool,
     ).app()
 
 

@@ -3,6 +3,7 @@ login sessions, CSRF and Origin checks, and security headers."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import enum
@@ -10,7 +11,7 @@ import json
 import logging
 import urllib.parse
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import jinja2
@@ -135,7 +136,6 @@ def _templates() -> Jinja2Templates:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("chancy.plugins.api", "templates"),
         autoescape=True,
-        undefined=jinja2.StrictUndefined,
     )
     env.filters["pretty"] = lambda value: to_json(value, indent=2)
     env.filters["short_executor"] = lambda path: str(path).rsplit(".", 1)[-1]
@@ -176,8 +176,10 @@ class Dashboard:
         secret_key: str | bytes | None = None,
         session_max_age: int = 12 * 3600,
         log: logging.Logger | None = None,
+        manage_pool: bool = False,
     ) -> None:
         self.chancy = chancy
+        self.manage_pool = manage_pool
         self.auth = auth
         self.sessions = Sessions(secret_key, max_age=session_max_age)
         self.log = log or logging.getLogger("chancy.web")
@@ -232,8 +234,17 @@ class Dashboard:
 
     def app(self) -> ASGIApp:
         """The ASGI application (Starlette wrapped in the security-headers middleware)."""
-        starlette = Starlette(routes=self.routes(), exception_handlers={404: self._not_found})
+        starlette = Starlette(
+            routes=self.routes(),
+            exception_handlers={404: self._not_found},
+            lifespan=self._lifespan if self.manage_pool else None,
+        )
         return SecurityHeaders(starlette)
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        async with self.chancy:
+            yield
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         if request.url.path.startswith("/api/"):

@@ -71,8 +71,9 @@ def layout(steps: Iterable[Step]) -> Layout:
     def depth_of(step_id: str, visiting: frozenset[str]) -> int:
         if step_id in depth:
             return depth[step_id]
+        visiting = visiting | {step_id}
         deps = [d for d in by_id[step_id].dependencies if d in by_id and d not in visiting]
-        value = 1 + max((depth_of(d, visiting | {step_id}) for d in deps), default=-1)
+        value = 1 + max((depth_of(d, visiting) for d in deps), default=-1)
         depth[step_id] = value
         return value
 

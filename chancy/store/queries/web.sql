@@ -22,7 +22,9 @@ WITH scanned AS (
     ORDER BY s.id DESC
     LIMIT %(limit)s
 ), window_end AS (
-    SELECT count(*) AS scanned, min(id) AS oldest FROM scanned
+    SELECT count(*) AS scanned,
+           (SELECT s.id FROM scanned AS s ORDER BY s.id LIMIT 1) AS oldest
+    FROM scanned
 )
 SELECT w.scanned, w.oldest, j.id, j.queue, j.func, j.state, j.priority, j.attempts,
        j.max_attempts, j.unique_key, j.taken_by, j.created_at, j.scheduled_at,
