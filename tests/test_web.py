@@ -279,8 +279,8 @@ def test_job_list_filters(client: TestClient, seeded: dict[str, str]) -> None:
     assert ids("text=" + "%27%20OR%201%3D1--") == []
     assert ids("queue=%27%3B%20DROP%20TABLE%20chancy_jobs%3B--") == []
     page = client.get("/jobs?state=failed")
-    assert page.status_code == 200 and seeded["failed"][:13] in page.text
-    assert seeded["pending"][:13] not in page.text
+    assert page.status_code == 200 and seeded["failed"] in page.text
+    assert seeded["pending"] not in page.text
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,8 @@
         var series = [{}];
         var columns = [data.t];
         names.forEach(function (name) {
-          series.push({ label: name, stroke: COLORS[name], width: 2, fill: COLORS[name] + "22" });
+          series.push({ label: name, stroke: COLORS[name], width: 2, fill: COLORS[name] + "22",
+                        points: { show: false } });
           columns.push(data[name]);
         });
         var width = Math.max(320, el.clientWidth || 800);
