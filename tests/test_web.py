@@ -218,6 +218,18 @@ def test_api_login_rejects_bad_credentials_and_bodies(client: TestClient) -> Non
     assert response.status_code == 401
 
 
+def test_repeated_failed_logins_are_throttled(client: TestClient) -> None:
+    from chancy.plugins.api.app import MAX_FAILED_LOGINS
+
+    for _ in range(MAX_FAILED_LOGINS):
+        bad = client.post("/api/v1/login", json={"username": USER, "password": "guess"})
+        assert bad.status_code == 401
+    good = client.post("/api/v1/login", json={"username": USER, "password": PASSWORD})
+    assert good.status_code == 429 and "chancy_session" not in client.cookies
+    form = client.post("/login", data={"username": USER, "password": PASSWORD})
+    assert form.status_code == 429 and "too many failed logins" in form.text
+
+
 # -- reading --------------------------------------------------------------------------
 
 

@@ -3,12 +3,14 @@ login sessions, CSRF and Origin checks, and security headers."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime as dt
 import enum
 import json
 import logging
+import time
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -35,6 +37,9 @@ if TYPE_CHECKING:
 
 COOKIE = "chancy_session"
 MAX_FORM_BYTES = 64 * 1024
+#: Failed logins from one address within the window before further attempts are refused.
+MAX_FAILED_LOGINS = 10
+FAILED_LOGIN_WINDOW = 300
 LIVE_STATES = ("pending", "retrying", "running")
 STATES = [s.value for s in QueuedJob.State]
 CSP = (
@@ -184,6 +189,7 @@ class Dashboard:
         self.sessions = Sessions(secret_key, max_age=session_max_age)
         self.log = log or logging.getLogger("chancy.web")
         self.templates = _templates()
+        self._failed_logins: dict[str, collections.deque[float]] = {}
 
     # -- application ------------------------------------------------------------------
 
@@ -402,18 +408,43 @@ class Dashboard:
             request, None, "login.html", next=_safe_next(request.query_params.get("next"))
         )
 
-    async def _login(self, request: Request, username: str, password: str) -> str | None:
+    def _login_throttled(self, client: str) -> bool:
+        failures = self._failed_logins.get(client)
+        if not failures:
+            return False
+        horizon = time.monotonic() - FAILED_LOGIN_WINDOW
+        while failures and failures[0] < horizon:
+            failures.popleft()
+        return len(failures) >= MAX_FAILED_LOGINS
+
+    async def _login(self, request: Request, username: Any, password: Any) -> str | None:
+        """The user for these credentials, or None. Raises a 429 DashboardError after
+        too many failures from one client address."""
         if self.auth is None:
             return None
-        if not isinstance(username, str) or not isinstance(password, str):
-            return None
-        if not username or not password or len(username) > 200 or len(password) > 1024:
-            return None
-        user = await self.auth.authenticate(username, password)
+        client = request.client.host if request.client else "?"
+        if self._login_throttled(client):
+            self.log.warning("dashboard: login attempts from %s throttled", client)
+            raise DashboardError(429, "too many failed logins: try again in a few minutes")
+        user = None
+        if (
+            isinstance(username, str)
+            and isinstance(password, str)
+            and 0 < len(username) <= 200
+            and 0 < len(password) <= 1024
+        ):
+            user = await self.auth.authenticate(username, password)
         if user is None:
-            self.log.warning("dashboard: failed login for %r", username[:200])
+            if len(self._failed_logins) > 10_000:  # bound the memory an attacker can use
+                self._failed_logins.clear()
+            failures = self._failed_logins.setdefault(
+                client, collections.deque(maxlen=MAX_FAILED_LOGINS)
+            )
+            failures.append(time.monotonic())
+            self.log.warning("dashboard: failed login for %r from %s", str(username)[:200], client)
         else:
-            self.log.info("dashboard: %s logged in", user)
+            self._failed_logins.pop(client, None)
+            self.log.info("dashboard: %s logged in from %s", user, client)
         return user
 
     async def login_form(self, request: Request) -> Response:
@@ -426,7 +457,12 @@ class Dashboard:
         except DashboardError as exc:
             return Response(exc.message, status_code=exc.status)
         next_path = _safe_next(form.get("next"))
-        user = await self._login(request, form.get("username", ""), form.get("password", ""))
+        try:
+            user = await self._login(request, form.get("username", ""), form.get("password", ""))
+        except DashboardError as exc:
+            return self.render(
+                request, None, "login.html", status=exc.status, next=next_path, error=exc.message
+            )
         if user is None:
             return self.render(
                 request,
@@ -458,7 +494,10 @@ class Dashboard:
             data = await self._json_body(request)
         except DashboardError as exc:
             return Json({"error": exc.message}, status_code=exc.status)
-        user = await self._login(request, data.get("username", ""), data.get("password", ""))
+        try:
+            user = await self._login(request, data.get("username"), data.get("password"))
+        except DashboardError as exc:
+            return Json({"error": exc.message}, status_code=exc.status)
         if user is None:
             return Json({"error": "wrong user name or password"}, status_code=401)
         cookie, sid = self.sessions.issue(user)
