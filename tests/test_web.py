@@ -641,13 +641,24 @@ async def test_job_listing_reads_the_primary_key_backwards(chancy: Chancy) -> No
         nodes = list(_plan_nodes(plan[0]["Plan"]))
         scans = [n for n in nodes if n.get("Relation Name") == "chancy_jobs"]
         assert any(
-            n["Node Type"] == "Index Scan"
+            n["Node Type"] in ("Index Scan", "Index Only Scan")
             and n["Scan Direction"] == "Backward"
             and n["Index Name"] == "chancy_jobs_pkey"
             for n in scans
         ), scans
         assert not any(n["Node Type"] == "Seq Scan" for n in scans), scans
         op.close()
+    # The counts and the chart read the live-job indexes and the finished index, never
+    # the whole table.
+    for aggregate in (web_store.queue_counts(store), web_store.throughput(store)):
+        query, params = next(aggregate)
+        async with chancy.connection() as conn, conn.cursor() as cur:
+            await cur.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params)
+            plan = (await cur.fetchone())[0]  # type: ignore[index]
+        nodes = list(_plan_nodes(plan[0]["Plan"]))
+        scans = [n for n in nodes if n.get("Relation Name") == "chancy_jobs"]
+        assert scans and not any(n["Node Type"] == "Seq Scan" for n in scans), scans
+        aggregate.close()
 
 
 def _plan_nodes(node: dict[str, Any]) -> Iterator[dict[str, Any]]:
@@ -660,6 +671,26 @@ async def test_throughput_fills_empty_buckets(chancy: Chancy) -> None:
     data = await chancy._run(web_store.throughput(chancy.store, window=600, bucket=60))
     assert len(data["t"]) == 10 and data["failed"] == [0] * 10
     assert data["t"] == sorted(data["t"]) and data["t"][1] - data["t"][0] == 60
+    assert data["since"] is None
+
+
+async def test_recent_counts_read_a_bounded_number_of_jobs(chancy: Chancy) -> None:
+    async with chancy.connection() as conn:
+        await conn.execute(
+            "INSERT INTO chancy_jobs (id, queue, func, state, completed_at) "
+            "SELECT gen_random_uuid(), 'q', 'f', 'succeeded', now() - make_interval(mins => i) "
+            "FROM generate_series(1, 10) AS i"
+        )
+    store = chancy.store
+    full = await chancy._run(web_store.queue_counts(store))
+    assert full.queues["q"].recent == {"succeeded": 10} and full.recent_since is None
+    capped = await chancy._run(web_store.queue_counts(store, max_rows=4))
+    assert capped.queues["q"].recent == {"succeeded": 4}
+    assert capped.recent_since is not None
+    chart = await chancy._run(web_store.throughput(store, window=3600, max_rows=4))
+    assert sum(chart["succeeded"]) == 4 and chart["since"] is not None
+    everything = await chancy._run(web_store.throughput(store, window=3600))
+    assert sum(everything["succeeded"]) == 10 and everything["since"] is None
 
 
 async def test_the_api_plugin_serves_inside_a_worker(chancy: Chancy) -> None:

@@ -8,6 +8,7 @@ with ``chancy._run(op)`` or :func:`chancy.store.arun`.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -23,6 +24,8 @@ DEFAULT_SCAN = 20_000
 MAX_SCAN = 200_000
 #: Longest free-text search string.
 MAX_TEXT = 200
+#: Most finished jobs read to count recent outcomes (overview counts, charts).
+MAX_COUNTED = 100_000
 #: Most jobs one bulk action touches.
 MAX_BULK = 1000
 _MAX_UUID = uuid.UUID("ffffffff-ffff-ffff-ffff-ffffffffffff")
@@ -77,7 +80,8 @@ class JobFilter:
 @dataclasses.dataclass(frozen=True, slots=True)
 class JobPage:
     """A page of job summaries. ``next_before`` is the cursor of the next (older) page,
-    None at the end; ``scanned`` is how many jobs were read to fill this page."""
+    None at the end; ``scanned`` is how many jobs a short page read (-1 for a full page,
+    whose scan stopped as soon as it filled)."""
 
     jobs: list[Row]
     next_before: str | None
@@ -106,10 +110,11 @@ def list_jobs(
     are read, so a page of a selective filter may come back short with a cursor to go on."""
     limit = max(1, min(int(limit), MAX_PAGE))
     scan = max(limit, min(int(scan), MAX_SCAN))
+    cursor = before or _MAX_UUID
     rows = yield (
         store.q("web_select_jobs_page"),
         {
-            "before": before or _MAX_UUID,
+            "before": cursor,
             "scan": scan,
             "limit": limit,
             "states": list(job_filter.states) or None,
@@ -118,18 +123,13 @@ def list_jobs(
             "text": job_filter.text.lower() if job_filter.text else None,
         },
     )
-    scanned = int(rows[0]["scanned"]) if rows else 0
-    jobs = [
-        {k: v for k, v in row.items() if k not in ("scanned", "oldest")}
-        for row in rows
-        if row["id"] is not None
-    ]
-    next_before: str | None = None
-    if len(jobs) == limit:
-        next_before = str(jobs[-1]["id"])
-    elif scanned == scan and rows and rows[0]["oldest"] is not None:
-        next_before = str(rows[0]["oldest"])
-    return JobPage(jobs=jobs, next_before=next_before, scanned=scanned)
+    if len(rows) == limit:
+        # Full page: the scan stopped at the last row; how far it read is not counted.
+        return JobPage(jobs=rows, next_before=str(rows[-1]["id"]), scanned=-1)
+    window = yield store.q("web_select_jobs_window_end"), {"before": cursor, "scan": scan}
+    scanned = int(window[0]["scanned"])
+    next_before = str(window[0]["oldest"]) if scanned == scan else None
+    return JobPage(jobs=rows, next_before=next_before, scanned=scanned)
 
 
 def collect_job_ids(
@@ -150,7 +150,7 @@ def collect_job_ids(
             store, job_filter, limit=min(limit - len(ids), MAX_PAGE), before=cursor, scan=MAX_SCAN
         )
         ids.extend(row["id"] for row in page.jobs)
-        scanned += page.scanned
+        scanned += page.scanned if page.scanned >= 0 else len(page.jobs)
         if page.next_before is None:
             break
         cursor = uuid.UUID(page.next_before)
@@ -165,27 +165,51 @@ class QueueCounts:
     recent: dict[str, int]
 
 
-def queue_counts(store: Store, *, window: float = 3600) -> Op[dict[str, QueueCounts]]:
-    """Counts per queue: live jobs by state, and jobs finished in the last ``window`` s."""
-    rows = yield store.q("web_select_queue_counts"), {"window": float(window)}
+@dataclasses.dataclass(frozen=True, slots=True)
+class Counts:
+    """Per-queue counts; ``recent_since`` is set when only the newest ``max_rows``
+    finished jobs were counted (they reach back to that time, not the whole window)."""
+
+    queues: dict[str, QueueCounts]
+    recent_since: dt.datetime | None
+
+
+def queue_counts(store: Store, *, window: float = 3600, max_rows: int = MAX_COUNTED) -> Op[Counts]:
+    """Counts per queue: live jobs by state, and jobs finished in the last ``window`` s
+    (at most ``max_rows`` of them are read)."""
+    rows = yield store.q("web_select_queue_counts"), {"window": float(window), "max_rows": max_rows}
     counts: dict[str, QueueCounts] = {}
+    recent_total = 0
+    earliest: dt.datetime | None = None
     for row in rows:
         entry = counts.setdefault(row["queue"], QueueCounts({}, {}))
-        target = entry.live if row["state"] in ("pending", "retrying", "running") else entry.recent
-        target[row["state"]] = int(row["n"])
-    return counts
+        if row["state"] in ("pending", "retrying", "running"):
+            entry.live[row["state"]] = int(row["n"])
+        else:
+            entry.recent[row["state"]] = int(row["n"])
+            recent_total += int(row["n"])
+            if earliest is None or row["earliest"] < earliest:
+                earliest = row["earliest"]
+    return Counts(counts, earliest if recent_total >= max_rows else None)
 
 
 def throughput(
-    store: Store, *, window: int = 3600, bucket: int = 60, queue: str | None = None
+    store: Store,
+    *,
+    window: int = 3600,
+    bucket: int = 60,
+    queue: str | None = None,
+    max_rows: int = MAX_COUNTED,
 ) -> Op[dict[str, Any]]:
     """Finished jobs per ``bucket`` seconds and state over the last ``window`` seconds,
-    with empty buckets filled: ``{"t": [epoch...], "succeeded": [...], ...}``."""
+    with empty buckets filled: ``{"t": [epoch...], "succeeded": [...], ...,
+    "since": epoch or None}``; at most ``max_rows`` jobs are read, the newest, and
+    ``since`` then tells from when the counts are complete."""
     bucket = max(1, int(bucket))
     window = max(bucket, int(window))
     rows = yield (
         store.q("web_select_throughput"),
-        {"window": float(window), "bucket": float(bucket), "queue": queue},
+        {"window": float(window), "bucket": float(bucket), "queue": queue, "max_rows": max_rows},
     )
     states = ("succeeded", "failed", "cancelled")
     if rows:
@@ -201,7 +225,10 @@ def throughput(
         position = index.get(int(row["bucket"].timestamp()))
         if position is not None:
             series[row["state"]][position] += int(row["n"])
-    return {"t": times, **series}
+    since = None
+    if rows and sum(int(r["n"]) for r in rows) >= max_rows:
+        since = min(r["earliest"] for r in rows).timestamp()
+    return {"t": times, **series, "since": since}
 
 
 def list_workers(store: Store) -> Op[list[Row]]:

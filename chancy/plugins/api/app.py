@@ -13,8 +13,8 @@ import logging
 import time
 import urllib.parse
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import jinja2
 from starlette.applications import Starlette
@@ -30,6 +30,7 @@ from chancy.job import FINISHED_STATES, QueuedJob, Reference
 from chancy.plugins.api import graph, integrations
 from chancy.plugins.api.auth import AuthBackend, Sessions
 from chancy.queue import Queue
+from chancy.store import Op
 from chancy.store import web as web_store
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ MAX_FORM_BYTES = 64 * 1024
 #: Failed logins from one address within the window before further attempts are refused.
 MAX_FAILED_LOGINS = 10
 FAILED_LOGIN_WINDOW = 300
+#: How long aggregate counts are reused between polls.
+CACHE_SECONDS = 2.0
 LIVE_STATES = ("pending", "retrying", "running")
 STATES = [s.value for s in QueuedJob.State]
 CSP = (
@@ -60,6 +63,7 @@ MESSAGES = {
 }
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 
 class DashboardError(Exception):
@@ -190,6 +194,7 @@ class Dashboard:
         self.log = log or logging.getLogger("chancy.web")
         self.templates = _templates()
         self._failed_logins: dict[str, collections.deque[float]] = {}
+        self._cache: dict[Hashable, tuple[float, Any]] = {}
 
     # -- application ------------------------------------------------------------------
 
@@ -515,9 +520,26 @@ class Dashboard:
 
     # -- data -------------------------------------------------------------------------
 
-    async def _queues(self) -> list[dict[str, Any]]:
+    async def _cached(self, key: Hashable, op: Op[T]) -> T:
+        """Run an aggregate query at most once per CACHE_SECONDS for all viewers (every
+        open page polls; the counts read many rows)."""
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            op.close()
+            return cast(T, hit[1])
+        value = await self.chancy._run(op)
+        if len(self._cache) > 100:
+            self._cache = {k: v for k, v in self._cache.items() if v[0] > now}
+        self._cache[key] = (now + CACHE_SECONDS, value)
+        return value
+
+    async def _queues(self) -> tuple[list[dict[str, Any]], dt.datetime | None]:
+        """Queues with their counts, and when the recent counts start if they do not
+        cover the whole hour."""
         queues = await self.chancy.get_all_queues()
-        counts = await self.chancy._run(web_store.queue_counts(self.chancy.store))
+        found = await self._cached("counts", web_store.queue_counts(self.chancy.store))
+        counts = found.queues
         result = []
         names = {q.name for q in queues}
         for queue in queues:
@@ -525,7 +547,7 @@ class Dashboard:
             result.append(_queue_dict(queue, entry, declared=True))
         for name in sorted(set(counts) - names):  # jobs pushed ahead of a declaration
             result.append({"name": name, "declared": False, **_counts_dict(counts[name])})
-        return result
+        return result, found.recent_since
 
     async def _job_page(self, request: Request) -> tuple[web_store.JobFilter, web_store.JobPage]:
         params = request.query_params
@@ -622,13 +644,16 @@ class Dashboard:
     # -- pages ------------------------------------------------------------------------
 
     async def overview(self, request: Request, session: Session) -> Response:
-        queues = await self._queues()
+        queues, since = await self._queues()
         workers = await self.chancy._run(web_store.list_workers(self.chancy.store))
-        return self.render(request, session, "overview.html", queues=queues, workers=workers)
+        return self.render(
+            request, session, "overview.html", queues=queues, workers=workers, since=since
+        )
 
     async def queue_page(self, request: Request, session: Session) -> Response:
         name = request.path_params["name"]
-        queue = next((q for q in await self._queues() if q["name"] == name), None)
+        queues, _ = await self._queues()
+        queue = next((q for q in queues if q["name"] == name), None)
         if queue is None:
             raise DashboardError(404, "no such queue")
         return self.render(request, session, "queue.html", queue=queue)
@@ -751,7 +776,8 @@ class Dashboard:
     # -- JSON API ---------------------------------------------------------------------
 
     async def api_queues(self, request: Request, session: Session) -> Response:
-        return Json({"queues": await self._queues()})
+        queues, since = await self._queues()
+        return Json({"queues": queues, "recent_since": since})
 
     async def api_queue_action(
         self, request: Request, session: Session, data: dict[str, Any]
@@ -817,8 +843,9 @@ class Dashboard:
         bucket = _int_param(params.get("bucket"), default=60, low=1, high=86400)
         bucket = max(bucket, window // 1000)  # at most 1000 points
         queue = params.get("queue") or None
-        throughput = await self.chancy._run(
-            web_store.throughput(self.chancy.store, window=window, bucket=bucket, queue=queue)
+        throughput = await self._cached(
+            ("throughput", window, bucket, queue),
+            web_store.throughput(self.chancy.store, window=window, bucket=bucket, queue=queue),
         )
         found = await integrations.metrics(self.chancy)
         plugin = None if isinstance(found, integrations.Unavailable) else found

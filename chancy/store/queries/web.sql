@@ -1,67 +1,78 @@
 -- name: web_select_jobs_page
--- One page of the dashboard's job list, newest first, below the keyset cursor %(before)s.
--- The filters apply to a window of at most %(scan)s rows read backwards along the primary
--- key (ids are time-ordered), so a page costs the same on a table of a thousand jobs or of
--- millions, whatever the filter; the caller continues below `oldest` when the window ran
--- out before the page filled. Every row carries the window's size and oldest id (a
--- single row with NULL job columns when nothing matched).
-WITH scanned AS (
+-- One page of the dashboard's job list, newest first, below the keyset cursor. The
+-- filters apply to a window of at most `scan` rows read backwards along the primary key
+-- (ids are time-ordered), so a page costs the same on a table of a thousand jobs or of
+-- millions, whatever the filter: the scan stops as soon as the page is full, or at the
+-- end of the window (the caller then continues below the window's end).
+SELECT j.id, j.queue, j.func, j.state, j.priority, j.attempts, j.max_attempts,
+       j.unique_key, j.taken_by, j.created_at, j.scheduled_at, j.started_at, j.completed_at,
+       left(j.kwargs::text, 200) AS kwargs_preview
+FROM (
     SELECT id, queue, func, state, kwargs
     FROM {jobs}
     WHERE id < %(before)s::uuid
     ORDER BY id DESC
     LIMIT %(scan)s
-), matched AS (
-    SELECT s.id
-    FROM scanned AS s
-    WHERE (%(states)s::text[] IS NULL OR s.state = ANY(%(states)s::text[]))
-      AND (%(queue)s::text IS NULL OR s.queue = %(queue)s::text)
-      AND (%(func)s::text IS NULL OR starts_with(s.func, %(func)s::text))
-      AND (%(text)s::text IS NULL
-           OR strpos(lower(s.func || ' ' || s.kwargs::text), %(text)s::text) > 0)
-    ORDER BY s.id DESC
-    LIMIT %(limit)s
-), window_end AS (
-    SELECT count(*) AS scanned,
-           (SELECT s.id FROM scanned AS s ORDER BY s.id LIMIT 1) AS oldest
-    FROM scanned
-)
-SELECT w.scanned, w.oldest, j.id, j.queue, j.func, j.state, j.priority, j.attempts,
-       j.max_attempts, j.unique_key, j.taken_by, j.created_at, j.scheduled_at,
-       j.started_at, j.completed_at, left(j.kwargs::text, 200) AS kwargs_preview
-FROM window_end AS w
-LEFT JOIN (matched AS m JOIN {jobs} AS j ON j.id = m.id) ON true
-ORDER BY j.id DESC
+) AS s
+JOIN {jobs} AS j ON j.id = s.id
+WHERE (%(states)s::text[] IS NULL OR s.state = ANY(%(states)s::text[]))
+  AND (%(queue)s::text IS NULL OR s.queue = %(queue)s::text)
+  AND (%(func)s::text IS NULL OR starts_with(s.func, %(func)s::text))
+  AND (%(text)s::text IS NULL
+       OR strpos(lower(s.func || ' ' || s.kwargs::text), %(text)s::text) > 0)
+ORDER BY s.id DESC
+LIMIT %(limit)s
+
+-- name: web_select_jobs_window_end
+-- How many jobs the window of web_select_jobs_page held, and its oldest id (an
+-- index-only walk of the primary key; canonical uuid text sorts like the uuid).
+SELECT count(*) AS scanned,
+       min(w.id::text)::uuid AS oldest
+FROM (
+    SELECT id FROM {jobs} WHERE id < %(before)s::uuid ORDER BY id DESC LIMIT %(scan)s
+) AS w
 
 -- name: web_select_queue_counts
--- Per queue and state: live jobs (served by the partial fetch and running indexes) and
--- jobs finished within the last %(window)s seconds (served by the finished index).
-SELECT queue, state, count(*) AS n
+-- Per queue and state: live jobs (served by the partial fetch and running indexes), and
+-- jobs finished within the last %(window)s seconds, newest first, at most %(max_rows)s of
+-- them (a backward walk of the finished index; `earliest` tells how far it reached).
+SELECT queue, state, count(*) AS n, NULL::timestamptz AS earliest
 FROM {jobs}
 WHERE state IN ('pending', 'retrying')
 GROUP BY queue, state
 UNION ALL
-SELECT queue, state, count(*)
+SELECT queue, state, count(*), NULL
 FROM {jobs}
 WHERE state = 'running'
 GROUP BY queue, state
 UNION ALL
-SELECT queue, state, count(*)
-FROM {jobs}
-WHERE state IN ('succeeded', 'failed', 'cancelled')
-  AND completed_at > now() - make_interval(secs => %(window)s)
-GROUP BY queue, state
+SELECT r.queue, r.state, count(*), min(r.completed_at)
+FROM (
+    SELECT queue, state, completed_at
+    FROM {jobs}
+    WHERE state IN ('succeeded', 'failed', 'cancelled')
+      AND completed_at > now() - make_interval(secs => %(window)s)
+    ORDER BY completed_at DESC
+    LIMIT %(max_rows)s
+) AS r
+GROUP BY r.queue, r.state
 
 -- name: web_select_throughput
 -- Jobs finished per %(bucket)s-second bucket and state over the last %(window)s seconds,
--- read from the finished-jobs index; `now` lets the caller lay out empty buckets.
-SELECT date_bin(make_interval(secs => %(bucket)s), completed_at,
+-- newest first and at most %(max_rows)s of them (a backward walk of the finished index);
+-- `now` lets the caller lay out empty buckets, `earliest` how far the walk reached.
+SELECT date_bin(make_interval(secs => %(bucket)s), r.completed_at,
                 timestamptz '2000-01-01 00:00:00+00') AS bucket,
-       state, count(*) AS n, now() AS now
-FROM {jobs}
-WHERE state IN ('succeeded', 'failed', 'cancelled')
-  AND completed_at > now() - make_interval(secs => %(window)s)
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+       r.state, count(*) AS n, min(r.completed_at) AS earliest, now() AS now
+FROM (
+    SELECT state, completed_at
+    FROM {jobs}
+    WHERE state IN ('succeeded', 'failed', 'cancelled')
+      AND completed_at > now() - make_interval(secs => %(window)s)
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+    ORDER BY completed_at DESC
+    LIMIT %(max_rows)s
+) AS r
 GROUP BY 1, 2
 ORDER BY 1
 

@@ -46,6 +46,8 @@
           drawFallback(el, columns, names, width);
         }
         el.setAttribute("data-points", String(data.t.length));
+        el.title = data.since ? "Only the newest jobs were counted: complete since " +
+          new Date(data.since * 1000).toLocaleString() : "";
       })
       .catch(function (error) {
         el.textContent = "Chart unavailable (" + error.message + ").";
