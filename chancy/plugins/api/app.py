@@ -847,9 +847,24 @@ class Dashboard:
             ("throughput", window, bucket, queue),
             web_store.throughput(self.chancy.store, window=window, bucket=bucket, queue=queue),
         )
-        found = await integrations.metrics(self.chancy)
-        plugin = None if isinstance(found, integrations.Unavailable) else found
-        return Json({"throughput": throughput, "metrics": plugin})
+        body: dict[str, Any] = {"throughput": throughput}
+        if params.get("source") == "plugin":
+            found = await self._metrics(window, queue)
+            if isinstance(found, integrations.Unavailable):
+                body["plugin_error"] = found.reason
+            else:
+                body["plugin"] = found
+        return Json(body)
+
+    async def _metrics(self, window: int, queue: str | None) -> Any:
+        now = time.monotonic()
+        key = ("plugin", window, queue)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = await integrations.metrics(self.chancy, window=window, queue=queue)
+        self._cache[key] = (now + CACHE_SECONDS, value)
+        return value
 
 
 def _str_or_none(value: Any) -> str | None:
@@ -890,10 +905,7 @@ def _queue_dict(queue: Queue, counts: web_store.QueueCounts, *, declared: bool) 
 
 
 def _workflow_dict(workflow: Any) -> dict[str, Any]:
-    data = integrations.to_plain(workflow)
-    if not isinstance(data, dict):
-        return {"id": str(workflow)}
-    return dict(data)
+    return integrations.workflow_dict(workflow)
 
 
 def _workflow_graph(data: Mapping[str, Any]) -> graph.Layout:

@@ -11,27 +11,42 @@
     }
   }, true);
 
-  var COLORS = { succeeded: "#2f9e44", failed: "#e03131", cancelled: "#868e96" };
+  var COLORS = {
+    succeeded: "#2f9e44", failed: "#e03131", cancelled: "#868e96",
+    "jobs.succeeded": "#2f9e44", "jobs.failed": "#e03131", "jobs.retried": "#f08c00",
+    "jobs.cancelled": "#868e96", "mean (s)": "#1c7ed6", "max (s)": "#ae3ec9",
+    "queue.depth": "#1c7ed6", "queue.running": "#2f9e44"
+  };
+  var PALETTE = ["#1c7ed6", "#2f9e44", "#e03131", "#f08c00", "#ae3ec9", "#868e96"];
+
+  function pick(body, key) {
+    return key.split(".").reduce(function (value, part) {
+      return value == null ? value : value[part];
+    }, body);
+  }
 
   function drawChart(el) {
     var src = el.getAttribute("data-src");
     if (!src) { return; }
+    var key = el.getAttribute("data-key") || "throughput";
     fetch(src, { credentials: "same-origin", headers: { "Accept": "application/json" } })
       .then(function (response) {
         if (!response.ok) { throw new Error("HTTP " + response.status); }
         return response.json();
       })
       .then(function (body) {
-        var data = body.throughput;
-        var names = ["succeeded", "failed", "cancelled"];
+        var data = pick(body, key);
+        if (!data) { throw new Error(body.plugin_error || "no data"); }
+        var names = Object.keys(data).filter(function (n) { return n !== "t" && n !== "since"; });
         var series = [{}];
         var columns = [data.t];
-        names.forEach(function (name) {
-          series.push({ label: name, stroke: COLORS[name], width: 2, fill: COLORS[name] + "22",
-                        points: { show: false } });
+        names.forEach(function (name, i) {
+          var color = COLORS[name] || PALETTE[i % PALETTE.length];
+          series.push({ label: name, stroke: color, width: 2, fill: color + "22",
+                        points: { show: false }, spanGaps: false });
           columns.push(data[name]);
         });
-        var width = Math.max(320, el.clientWidth || 800);
+        var width = Math.max(320, el.clientWidth - 16 || 800);
         if (typeof window.uPlot === "function") {
           if (el._plot) {
             el._plot.setData(columns);
@@ -39,7 +54,7 @@
             el.textContent = "";
             el._plot = new window.uPlot(
               { width: width, height: 220, series: series, scales: { x: { time: true } },
-                axes: [{}, { label: "jobs" }] },
+                axes: [{}, { label: el.getAttribute("data-label") || "" }] },
               columns, el);
           }
         } else {
@@ -60,7 +75,7 @@
     var height = 220;
     var max = 1;
     columns.slice(1).forEach(function (col) {
-      col.forEach(function (v) { if (v > max) { max = v; } });
+      col.forEach(function (v) { if (v != null && v > max) { max = v; } });
     });
     var svg = document.createElementNS(ns, "svg");
     svg.setAttribute("width", width);
@@ -68,13 +83,13 @@
     columns.slice(1).forEach(function (col, i) {
       var points = col.map(function (v, j) {
         var x = (j / Math.max(1, col.length - 1)) * (width - 10) + 5;
-        var y = height - 5 - (v / max) * (height - 10);
+        var y = height - 5 - ((v || 0) / max) * (height - 10);
         return x.toFixed(1) + "," + y.toFixed(1);
       });
       var line = document.createElementNS(ns, "polyline");
       line.setAttribute("points", points.join(" "));
       line.setAttribute("fill", "none");
-      line.setAttribute("stroke", COLORS[names[i]]);
+      line.setAttribute("stroke", COLORS[names[i]] || PALETTE[i % PALETTE.length]);
       svg.appendChild(line);
     });
     el.textContent = "";
