@@ -77,7 +77,7 @@ class DjangoAuth:
         self.require_staff = require_staff
 
     def _check(self, username: str, password: str) -> str | None:
-        from django.contrib.auth import authenticate  # type: ignore[import-not-found]
+        from django.contrib.auth import authenticate  # type: ignore[import-not-found,unused-ignore]
 
         user: Any = authenticate(username=username, password=password)
         if user is None or not user.is_active:
