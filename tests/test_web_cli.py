@@ -75,7 +75,7 @@ def test_worker_web_serves_the_dashboard_until_sigterm(
             assert wrong.status_code == 401
             ok = http.post("/api/v1/login", json={"username": "ops", "password": password})
             assert ok.status_code == 200
-            assert http.get("/api/v1/queues").json() == {"queues": []}
+            assert http.get("/api/v1/queues").json()["queues"] == []
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:
