@@ -693,6 +693,18 @@ async def test_recent_counts_read_a_bounded_number_of_jobs(chancy: Chancy) -> No
     assert sum(everything["succeeded"]) == 10 and everything["since"] is None
 
 
+async def test_a_busy_port_raises_instead_of_exiting(chancy: Chancy) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        api = Api(port=taken.getsockname()[1], users={USER: PASSWORD})
+        with pytest.raises(OSError):
+            await api.serve(chancy, stop=asyncio.Event())
+    assert not api.started.is_set()
+
+
 async def test_the_api_plugin_serves_inside_a_worker(chancy: Chancy) -> None:
     import httpx2
 

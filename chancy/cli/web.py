@@ -47,7 +47,7 @@ def web(
 ) -> None:
     """Serve the dashboard until SIGTERM or SIGINT."""
     try:
-        from chancy.plugins.api import Api
+        from chancy.plugins.api import Api, is_loopback
     except ImportError as exc:  # pragma: no cover - depends on the installed extras
         fail(f"the dashboard needs the web extra (pip install 'chancy[web]'): {exc}")
     state.configure_logging(default="INFO")
@@ -55,6 +55,11 @@ def web(
         password = secrets.token_urlsafe(12)
         click.echo(f"dashboard login: user {username!r}, generated password {password}", err=True)
     api = Api(host=host, port=port, users={username: password}, secret_key=secret_key)
+    if not is_loopback(host):
+        click.echo(
+            f"warning: serving the dashboard on {host}: put it behind HTTPS (a TLS proxy)",
+            err=True,
+        )
 
     async def serve(chancy: Chancy) -> None:
         stop = asyncio.Event()
