@@ -4,6 +4,7 @@ Origin checks, hostile parameters and escaping, against a real database."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import uuid
@@ -623,17 +624,24 @@ async def test_job_listing_reads_the_primary_key_backwards(chancy: Chancy) -> No
     sorts the whole table, whatever the filter."""
     async with chancy.connection() as conn:
         await conn.execute(
+            # Time-ordered ids, as uuid7 gives: i in the timestamp bits.
             "INSERT INTO chancy_jobs (id, queue, func, state, completed_at) "
-            "SELECT gen_random_uuid(), 'q' || (i % 7), 'tests.jobs_web.step', "
-            "'succeeded', now() FROM generate_series(1, 50000) AS i"
+            "SELECT (lpad(to_hex(i), 12, '0') || '7000800000000000' "
+            "        || lpad(to_hex(i % 65536), 4, '0'))::uuid, "
+            "'q' || (i % 7), 'tests.jobs_web.step', 'succeeded', now() "
+            "FROM generate_series(1, 50000) AS i"
         )
         await conn.execute("ANALYZE chancy_jobs")
     store = chancy.store
-    for job_filter in (
-        web_store.JobFilter(),
-        web_store.JobFilter.parse(state="failed", queue="q3", text="zzz"),
+    middle = uuid.UUID(f"{40000:012x}7000800000000000{40000 % 65536:04x}")
+    for job_filter, before in itertools.product(
+        (
+            web_store.JobFilter(),
+            web_store.JobFilter.parse(state="failed", queue="q3", text="zzz"),
+        ),
+        (None, middle),
     ):
-        op = web_store.list_jobs(store, job_filter, limit=50, before=uuid.uuid4(), scan=2000)
+        op = web_store.list_jobs(store, job_filter, limit=50, before=before, scan=2000)
         query, params = next(op)
         async with chancy.connection() as conn, conn.cursor() as cur:
             await cur.execute(sql.SQL("EXPLAIN (FORMAT JSON) ") + query, params)
