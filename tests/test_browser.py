@@ -18,6 +18,7 @@ from playwright import async_api as playwright_api
 
 from chancy import Chancy, Job, Queue
 from chancy.plugins.api import Api
+from chancy.plugins.cron import Cron
 from tests import jobs_web
 from tests.test_worker import poll, serving
 
@@ -62,13 +63,20 @@ async def browser_page() -> AsyncIterator[Any]:
 async def test_log_in_inspect_retry_and_pause(dsn: str, browser_page: Any, shots: Path) -> None:
     page = browser_page
     api = Api(port=0, users={USER: PASSWORD})
-    app = Chancy(dsn, plugins=[api])
+    app = Chancy(dsn, plugins=[api, Cron()])
     async with app:
         await app.migrate()
         for name in ("default", "reports"):
             await app.declare(
                 Queue(name, executor=Chancy.Executor.Async, polling_interval=0.1, concurrency=4)
             )
+        await Cron.schedule(
+            app,
+            "0 3 * * *",
+            Job(
+                func="tests.jobs_web.step", kwargs={"name": "nightly"}, queue="reports"
+            ).with_unique_key("nightly-report"),
+        )
         jobs_web.FAILURES_LEFT["invoice-42"] = 1
         flaky = await app.push(
             Job(func="tests.jobs_web.flaky", kwargs={"key": "invoice-42"}, queue="default")
@@ -129,6 +137,10 @@ async def test_log_in_inspect_retry_and_pause(dsn: str, browser_page: Any, shots
             await page.goto(base + "/workers")
             await page.wait_for_selector("text=dashboard-demo-worker")
             await page.screenshot(path=str(shots / "workers.png"), full_page=True)
+
+            await page.goto(base + "/crons")
+            await page.wait_for_selector("text=nightly-report")
+            await page.screenshot(path=str(shots / "crons.png"), full_page=True)
 
             await page.goto(base + "/metrics")
             await page.wait_for_selector(".chart .uplot")

@@ -513,6 +513,72 @@ def test_pause_and_resume_a_queue(client: TestClient, dsn: str) -> None:
     assert unknown.status_code == 404
 
 
+# -- plugins --------------------------------------------------------------------------
+
+
+def test_cron_schedules_are_listed(dsn: str, seeded: dict[str, str]) -> None:
+    from chancy.plugins.cron import Cron
+
+    async def schedule() -> None:
+        async with Chancy(dsn, plugins=[Cron()]) as app:
+            await app.migrate()
+            job = Job(
+                func="tests.jobs_web.step",
+                kwargs={"name": SCRIPT},
+                queue="other",
+                unique_key="nightly-report",
+            )
+            await Cron.schedule(app, "15 3 * * *", job, timezone="Europe/Paris")
+
+    with client_for(dsn) as client:
+        login(client)
+        # Before the cron table exists the page explains instead of failing.
+        page = client.get("/crons")
+        assert page.status_code == 200 and "Cron schedules are not available" in page.text
+        assert client.get("/api/v1/crons").status_code == 501
+        asyncio.run(schedule())
+        page = client.get("/crons")
+        assert "nightly-report" in page.text and "15 3 * * *" in page.text
+        assert "Europe/Paris" in page.text and "tests.jobs_web.step" in page.text
+        crons = client.get("/api/v1/crons").json()["crons"]
+        assert [c["unique_key"] for c in crons] == ["nightly-report"]
+        assert crons[0]["job"]["kwargs"] == {"name": SCRIPT} and crons[0]["next_run"]
+        assert "<script>alert" not in page.text
+
+
+def test_metrics_page_charts_the_metrics_plugin(client: TestClient) -> None:
+    login(client)
+    page = client.get("/metrics?window=86400")
+    assert page.status_code == 200 and "not available" not in page.text
+    assert 'data-key="plugin.counts"' in page.text
+    body = client.get("/api/v1/metrics?window=3600&source=plugin").json()
+    counts = body["plugin"]["counts"]
+    assert len(counts["t"]) == 60 and body["plugin"]["resolution"] == "1m"
+    # The seeding worker flushed its counters when it stopped.
+    assert sum(counts["jobs.failed"]) == 1 and sum(counts["jobs.succeeded"]) == 1
+    durations = body["plugin"]["durations"]["mean (s)"]
+    assert any(value is not None and value >= 0 for value in durations)
+    week = client.get("/api/v1/metrics?window=604800&source=plugin").json()["plugin"]
+    assert week["resolution"] == "1h" and len(week["counts"]["t"]) == 168
+
+
+def test_missing_plugin_tables_are_explained(dsn: str) -> None:
+    async def bare() -> None:
+        async with Chancy(dsn, no_default_plugins=True) as app:
+            await app.migrate()
+            await app.declare(Queue("default"))
+
+    asyncio.run(bare())
+    with client_for(dsn) as client:
+        login(client)
+        page = client.get("/metrics")
+        assert page.status_code == 200 and "Metrics plugin data is not available" in page.text
+        body = client.get("/api/v1/metrics?source=plugin").json()
+        assert "plugin" not in body and body["plugin_error"]
+        for path in ("/crons", "/workflows", "/"):
+            assert client.get(path).status_code == 200, path
+
+
 # -- without authentication -----------------------------------------------------------
 
 

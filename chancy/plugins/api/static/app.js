@@ -42,8 +42,9 @@
         var columns = [data.t];
         names.forEach(function (name, i) {
           var color = COLORS[name] || PALETTE[i % PALETTE.length];
+          var sparse = data[name].some(function (v) { return v == null; });
           series.push({ label: name, stroke: color, width: 2, fill: color + "22",
-                        points: { show: false }, spanGaps: false });
+                        points: { show: sparse, size: 6 }, spanGaps: false });
           columns.push(data[name]);
         });
         var width = Math.max(320, el.clientWidth - 16 || 800);
