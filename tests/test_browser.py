@@ -53,7 +53,7 @@ async def browser_page() -> AsyncIterator[Any]:
             lambda msg: problems.append(msg.text) if msg.type in ("error", "warning") else None,
         )
         page.on("pageerror", lambda exc: problems.append(str(exc)))
-        page.problems = problems
+        page.problems = problems  # type: ignore[attr-defined]
         try:
             yield page
         finally:
