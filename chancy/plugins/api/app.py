@@ -911,6 +911,7 @@ def _workflow_dict(workflow: Any) -> dict[str, Any]:
 def _workflow_graph(data: Mapping[str, Any]) -> graph.Layout:
     steps_raw = data.get("steps") or {}
     items = steps_raw.items() if isinstance(steps_raw, Mapping) else enumerate(steps_raw)
+    groups = data.get("groups") or {}
     steps = []
     for key, raw in items:
         step = integrations.to_plain(raw)
@@ -922,7 +923,12 @@ def _workflow_graph(data: Mapping[str, Any]) -> graph.Layout:
             graph.Step(
                 id=step_id,
                 state=str(step.get("state") or "pending"),
-                dependencies=tuple(str(d) for d in step.get("dependencies") or ()),
+                # A dependency may name a group: the step waits for each of its members.
+                dependencies=tuple(
+                    member
+                    for d in step.get("dependencies") or ()
+                    for member in (groups.get(str(d)) or [str(d)])
+                ),
                 href=f"/jobs/{job_id}" if job_id else None,
             )
         )

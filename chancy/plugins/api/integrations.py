@@ -94,6 +94,7 @@ def workflow_dict(workflow: Any) -> dict[str, Any]:
     plain = to_plain(workflow)
     if isinstance(plain, dict):
         return plain
+    groups = getattr(workflow, "groups", None) or {}
     steps = {}
     for step_id, step in (getattr(workflow, "steps", None) or {}).items():
         job = getattr(step, "job", None)
@@ -118,6 +119,10 @@ def workflow_dict(workflow: Any) -> dict[str, Any]:
         "updated_at": getattr(workflow, "updated_at", None),
         "completed_at": getattr(workflow, "completed_at", None),
         "steps": steps,
+        "groups": {
+            str(k): [str(m) for m in v]
+            for k, v in (getattr(workflow, "groups", None) or {}).items()
+        },
     }
 
 
