@@ -119,10 +119,7 @@ def workflow_dict(workflow: Any) -> dict[str, Any]:
         "updated_at": getattr(workflow, "updated_at", None),
         "completed_at": getattr(workflow, "completed_at", None),
         "steps": steps,
-        "groups": {
-            str(k): [str(m) for m in v]
-            for k, v in (getattr(workflow, "groups", None) or {}).items()
-        },
+        "groups": {str(k): [str(m) for m in v] for k, v in groups.items()},
     }
 
 
