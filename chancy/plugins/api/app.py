@@ -145,6 +145,7 @@ def _templates() -> Jinja2Templates:
     env = jinja2.Environment(
         loader=jinja2.PackageLoader("chancy.plugins.api", "templates"),
         autoescape=True,
+        undefined=jinja2.StrictUndefined,
     )
     env.filters["pretty"] = lambda value: to_json(value, indent=2)
     env.filters["short_executor"] = lambda path: str(path).rsplit(".", 1)[-1]
@@ -769,9 +770,19 @@ class Dashboard:
 
     async def metrics_page(self, request: Request, session: Session) -> Response:
         queues = [q.name for q in await self.chancy.get_all_queues()]
-        found = await integrations.metrics(self.chancy)
+        window = _int_param(
+            request.query_params.get("window"), default=3600, low=60, high=7 * 86400
+        )
+        found = await self._metrics(window, None)
         unavailable = found.reason if isinstance(found, integrations.Unavailable) else None
-        return self.render(request, session, "metrics.html", queues=queues, unavailable=unavailable)
+        return self.render(
+            request,
+            session,
+            "metrics.html",
+            queues=queues,
+            unavailable=unavailable,
+            window=window,
+        )
 
     # -- JSON API ---------------------------------------------------------------------
 
