@@ -19,6 +19,7 @@ from playwright import async_api as playwright_api
 from chancy import Chancy, Job, Queue
 from chancy.plugins.api import Api
 from chancy.plugins.cron import Cron
+from chancy.plugins.workflow import Workflow, WorkflowPlugin
 from tests import jobs_web
 from tests.test_worker import poll, serving
 
@@ -63,7 +64,7 @@ async def browser_page() -> AsyncIterator[Any]:
 async def test_log_in_inspect_retry_and_pause(dsn: str, browser_page: Any, shots: Path) -> None:
     page = browser_page
     api = Api(port=0, users={USER: PASSWORD})
-    app = Chancy(dsn, plugins=[api, Cron()])
+    app = Chancy(dsn, plugins=[api, Cron(), WorkflowPlugin(polling_interval=0.2)])
     async with app:
         await app.migrate()
         for name in ("default", "reports"):
@@ -77,6 +78,23 @@ async def test_log_in_inspect_retry_and_pause(dsn: str, browser_page: Any, shots
                 func="tests.jobs_web.step", kwargs={"name": "nightly"}, queue="reports"
             ).with_unique_key("nightly-report"),
         )
+        workflow = (
+            Workflow("thumbnails")
+            .add("fetch", Job(func="tests.jobs_web.step", kwargs={"name": "fetch"}))
+            .add_group(
+                "resize",
+                [Job(func="tests.jobs_web.step", kwargs={"name": f"r{i}"}) for i in range(3)],
+                dependencies=["fetch"],
+            )
+            .add(
+                "watermark",
+                Job(func="tests.jobs_web.explode", kwargs={"message": "font missing"}),
+                ["fetch"],
+            )
+            .add("publish", Job(func="tests.jobs_web.step", kwargs={"name": "p"}), ["resize"])
+            .add("notify", Job(func="tests.jobs_web.step", kwargs={"name": "n"}), ["watermark"])
+        )
+        workflow_id = await WorkflowPlugin.push(app, workflow)
         jobs_web.FAILURES_LEFT["invoice-42"] = 1
         flaky = await app.push(
             Job(func="tests.jobs_web.flaky", kwargs={"key": "invoice-42"}, queue="default")
@@ -87,6 +105,12 @@ async def test_log_in_inspect_retry_and_pause(dsn: str, browser_page: Any, shots
         ]
         async with serving(app, worker_id="dashboard-demo-worker"):
             await app.wait_for_jobs([flaky, *done], timeout=30)
+
+            async def workflow_finished() -> bool:
+                found = await WorkflowPlugin.fetch_workflow(app, workflow_id)
+                return found is not None and found.state.value in ("completed", "failed")
+
+            await poll(workflow_finished, timeout=30)
             await poll(api.started.is_set)
             assert api.bound is not None
             base = "http://{}:{}".format(*api.bound)
@@ -141,6 +165,20 @@ async def test_log_in_inspect_retry_and_pause(dsn: str, browser_page: Any, shots
             await page.goto(base + "/crons")
             await page.wait_for_selector("text=nightly-report")
             await page.screenshot(path=str(shots / "crons.png"), full_page=True)
+
+            # The workflow graph, steps coloured by state.
+            await page.goto(base + "/workflows")
+            await page.click(f"a[href='/workflows/{workflow_id}']")
+            await page.wait_for_selector(".graph svg g.node")
+            states = {
+                await node.get_attribute("data-step"): await node.get_attribute("class")
+                for node in await page.query_selector_all(".graph svg g.node")
+            }
+            assert states["fetch"] == "node node-succeeded"
+            assert states["watermark"] == "node node-failed"
+            assert states["publish"] == "node node-succeeded"
+            assert len(states) == 7
+            await page.screenshot(path=str(shots / "workflow.png"), full_page=True)
 
             await page.goto(base + "/metrics")
             await page.wait_for_selector(".chart .uplot")

@@ -546,6 +546,55 @@ def test_cron_schedules_are_listed(dsn: str, seeded: dict[str, str]) -> None:
         assert "<script>alert" not in page.text
 
 
+def _thumbnails() -> Any:
+    from chancy.plugins.workflow import Workflow
+
+    return (
+        Workflow("thumbnails <b>")
+        .add("fetch", Job(func="tests.jobs_web.step", kwargs={"name": "fetch"}))
+        .add_group(
+            "resize",
+            [Job(func="tests.jobs_web.step", kwargs={"name": f"r{i}"}) for i in range(2)],
+            dependencies=["fetch"],
+        )
+        .add("<script>x</script>", Job(func="tests.jobs_web.step", kwargs={"name": "w"}), "fetch")
+        .add("publish", Job(func="tests.jobs_web.step", kwargs={"name": "p"}), ["resize"])
+    )
+
+
+def test_workflows_are_listed_and_drawn(dsn: str, seeded: dict[str, str]) -> None:
+    from chancy.plugins.workflow import WorkflowPlugin
+
+    async def push() -> str:
+        async with Chancy(dsn) as app:
+            return str(await WorkflowPlugin.push(app, _thumbnails()))
+
+    workflow_id = asyncio.run(push())
+    with client_for(dsn) as client:
+        login(client)
+        listing = client.get("/workflows")
+        assert listing.status_code == 200 and workflow_id in listing.text
+        assert "thumbnails &lt;b&gt;" in listing.text
+        page = client.get(f"/workflows/{workflow_id}")
+        assert page.status_code == 200
+        svg = page.text[page.text.index("<svg") : page.text.index("</svg>")]
+        assert svg.count('<g class="node') == 5
+        # fetch -> resize.0, resize.1, <script> step; resize.0, resize.1 -> publish
+        assert svg.count('class="edge"') == 5
+        assert "<script>x" not in page.text and "&lt;script&gt;x&lt;/script&gt;" in svg
+        body = client.get("/api/v1/workflows").json()["workflows"]
+        assert [w["id"] for w in body] == [workflow_id]
+        one = client.get(f"/api/v1/workflows/{workflow_id}").json()["workflow"]
+        assert one["groups"] == {"resize": ["resize.0", "resize.1"]}
+        assert one["steps"]["publish"]["dependencies"] == ["resize.0", "resize.1"]
+        assert one["steps"]["fetch"]["job_id"] and one["steps"]["publish"]["state"] == "pending"
+        for missing in (str(uuid.uuid4()), "not-an-id"):
+            assert client.get(f"/api/v1/workflows/{missing}").status_code == 404
+            assert client.get(f"/workflows/{missing}").status_code == 404
+        assert client.get("/api/v1/workflows?state=bogus").status_code == 400
+        assert client.get("/api/v1/workflows?state=pending").json()["workflows"]
+
+
 def test_metrics_page_charts_the_metrics_plugin(client: TestClient) -> None:
     login(client)
     page = client.get("/metrics?window=86400")
@@ -577,6 +626,9 @@ def test_missing_plugin_tables_are_explained(dsn: str) -> None:
         assert "plugin" not in body and body["plugin_error"]
         for path in ("/crons", "/workflows", "/"):
             assert client.get(path).status_code == 200, path
+        assert "Workflows are not available" in client.get("/workflows").text
+        assert "Workflows are not available" in client.get(f"/workflows/{uuid.uuid4()}").text
+        assert client.get("/api/v1/workflows").status_code == 501
 
 
 # -- without authentication -----------------------------------------------------------
