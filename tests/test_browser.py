@@ -168,6 +168,7 @@ async def test_log_in_inspect_retry_and_pause(dsn: str, browser_page: Any, shots
 
             # The workflow graph, steps coloured by state.
             await page.goto(base + "/workflows")
+            await page.screenshot(path=str(shots / "workflows.png"), full_page=True)
             await page.click(f"a[href='/workflows/{workflow_id}']")
             await page.wait_for_selector(".graph svg g.node")
             states = {
