@@ -280,6 +280,8 @@ class QueuedJob(Job):
     errors: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     result: Any = None
     taken_by: str | None = None
+    #: The latest progress the job reported: ``{"percent": 0-100, "message": str|None}``.
+    progress: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         # Rows come from the database, which already enforces the invariants.
@@ -315,6 +317,7 @@ class QueuedJob(Job):
             "completed_at": iso(self.completed_at),
             "taken_by": self.taken_by,
             "result": self.result,
+            "progress": self.progress,
             "errors": list(self.errors),
         }
 
