@@ -266,6 +266,20 @@ def test_every_page_and_api_route_answers_after_login(
         assert "error" in response.json() or response.status_code == 200
 
 
+def test_job_progress_is_shown(client: TestClient, seeded: dict[str, str], dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE chancy_jobs SET progress = %s WHERE id = %s",
+            ('{"percent": 42.5, "message": "<b>resizing</b>"}', seeded["pending"]),
+        )
+    login(client)
+    page = client.get(f"/jobs/{seeded['pending']}").text
+    assert '<progress max="100" value="42.5">' in page
+    assert "&lt;b&gt;resizing&lt;/b&gt;" in page and "<b>resizing" not in page
+    job = client.get(f"/api/v1/jobs/{seeded['pending']}").json()["job"]
+    assert job["progress"] == {"percent": 42.5, "message": "<b>resizing</b>"}
+
+
 def test_unknown_things_answer_404(client: TestClient) -> None:
     login(client)
     assert client.get(f"/api/v1/jobs/{uuid.uuid4()}").status_code == 404

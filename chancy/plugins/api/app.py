@@ -699,9 +699,7 @@ class Dashboard:
 
     async def job_page(self, request: Request, session: Session) -> Response:
         job = await self._get_job(request.path_params["id"])
-        progress = job.meta.get("progress") if isinstance(job.meta, Mapping) else None
-        if not isinstance(progress, int | float) or isinstance(progress, bool):
-            progress = None
+        progress, progress_message = _progress_of(job)
         timeline = [
             ("created", job.created_at),
             ("scheduled", job.scheduled_at),
@@ -714,6 +712,7 @@ class Dashboard:
             "job.html",
             job=job,
             progress=progress,
+            progress_message=progress_message,
             timeline=timeline,
             finished=job.state in FINISHED_STATES,
             live=job.state.value in LIVE_STATES,
@@ -876,6 +875,23 @@ class Dashboard:
         value = await integrations.metrics(self.chancy, window=window, queue=queue)
         self._cache[key] = (now + CACHE_SECONDS, value)
         return value
+
+
+def _progress_of(job: QueuedJob) -> tuple[float | None, str | None]:
+    """(percent, message) the job reported, from ``job.progress`` (or a number in
+    ``meta["progress"]``)."""
+    reported = getattr(job, "progress", None)
+    percent: Any = None
+    message: Any = None
+    if isinstance(reported, Mapping):
+        percent, message = reported.get("percent"), reported.get("message")
+    elif isinstance(job.meta, Mapping):
+        percent = job.meta.get("progress")
+    if not isinstance(percent, int | float) or isinstance(percent, bool):
+        percent = None
+    else:
+        percent = max(0.0, min(float(percent), 100.0))
+    return percent, str(message) if message is not None else None
 
 
 def _str_or_none(value: Any) -> str | None:
