@@ -27,6 +27,7 @@ from chancy.errors import (
     JobNotFinishedError,
     JobNotFoundError,
     JobValidationError,
+    MigrationPermissionError,
     NotConnectedError,
     QueueValidationError,
     UnknownQueueError,
@@ -286,18 +287,24 @@ class Chancy:
         sets = self._migration_sets()
         if to_version is not None:
             sets = sets[:1]
-        async with self.pool.connection() as conn, conn.transaction():
-            for key, package in sets:
-                await store_module.arun(conn, self.store.migrate(key, package, to_version))
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                for key, package in sets:
+                    await store_module.arun(conn, self.store.migrate(key, package, to_version))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _migration_permission_error(exc) from exc
 
     def sync_migrate(self, *, to_version: int | None = None) -> None:
         """Sync twin of :meth:`migrate`."""
         sets = self._migration_sets()
         if to_version is not None:
             sets = sets[:1]
-        with self.sync_pool.connection() as conn, conn.transaction():
-            for key, package in sets:
-                store_module.run(conn, self.store.migrate(key, package, to_version))
+        try:
+            with self.sync_pool.connection() as conn, conn.transaction():
+                for key, package in sets:
+                    store_module.run(conn, self.store.migrate(key, package, to_version))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _migration_permission_error(exc) from exc
 
     async def is_up_to_date(self) -> bool:
         """True when no migration (core or plugin) is pending."""
@@ -451,6 +458,24 @@ class Chancy:
         """Like :meth:`push_many_ex` on a pooled connection, but tells for each job whether
         it was inserted or deduplicated onto a live job with the same ``unique_key``."""
         return self._check_push(await self._run(self._push_op(list(jobs))))
+
+    async def push_detailed_ex(
+        self,
+        cursor: psycopg.AsyncCursor[Any] | psycopg.AsyncConnection[Any],
+        jobs: Sequence[Job],
+    ) -> list[PushResult]:
+        """:meth:`push_detailed` inside the caller's transaction (see :meth:`push_ex`)."""
+        return self._check_push(await store_module.arun(cursor, self._push_op(list(jobs))))
+
+    def sync_push_detailed(self, jobs: Sequence[Job]) -> list[PushResult]:
+        """Sync twin of :meth:`push_detailed`."""
+        return self._check_push(self._sync_run(self._push_op(list(jobs))))
+
+    def sync_push_detailed_ex(
+        self, cursor: psycopg.Cursor[Any] | psycopg.Connection[Any], jobs: Sequence[Job]
+    ) -> list[PushResult]:
+        """Sync twin of :meth:`push_detailed_ex`."""
+        return self._check_push(store_module.run(cursor, self._push_op(list(jobs))))
 
     async def push_many(
         self, jobs: Iterable[Job], *, batch_size: int = 1000
@@ -765,6 +790,14 @@ class _CompletionListener:
             self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
+
+
+def _migration_permission_error(exc: psycopg.Error) -> MigrationPermissionError:
+    return MigrationPermissionError(
+        f"migrations need the right to create and alter tables ({exc.diag.message_primary}): "
+        "run migrations as the owner of Chancy's schema; workers and applications need "
+        "only SELECT, INSERT, UPDATE and DELETE"
+    )
 
 
 def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:

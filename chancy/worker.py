@@ -7,9 +7,11 @@ import collections
 import contextlib
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -31,7 +33,7 @@ from chancy.executors.base import Execution, Executor, Kind
 from chancy.hub import Hub
 from chancy.job import QueuedJob, Reference
 from chancy.queue import Queue
-from chancy.store import Op, Outcome
+from chancy.store import Claim, Op, Outcome
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -104,6 +106,8 @@ class Worker:
         self._retiring: set[Executor] = set()
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
+        # Set when a queue's settings change: ends a wait for a spent rate window.
+        self._reconfigured: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._outcomes: list[Outcome] = []
         self._outcomes_ready = asyncio.Event()
@@ -452,6 +456,8 @@ class Worker:
                 self.queues[name] = queue
                 if queue.state != current.state:
                     self._wake[name].set()
+                if queue != current:
+                    self._reconfigured[name].set()
 
     def _start_queue(self, queue: Queue) -> None:
         try:
@@ -462,6 +468,7 @@ class Worker:
         self.queues[queue.name] = queue
         self.executors[queue.name] = executor
         self._wake[queue.name] = asyncio.Event()
+        self._reconfigured[queue.name] = asyncio.Event()
         self._runners[queue.name] = asyncio.create_task(
             self._supervise(f"queue {queue.name}", lambda: self._serve(queue.name)),
             name=f"chancy-queue-{queue.name}",
@@ -476,6 +483,7 @@ class Worker:
                 await runner
         self.queues.pop(name, None)
         self._wake.pop(name, None)
+        self._reconfigured.pop(name, None)
         executor = self.executors.pop(name, None)
         if executor is not None:
             # Running jobs finish in the background; the executor is then released.
@@ -500,9 +508,12 @@ class Worker:
 
     async def _serve(self, name: str) -> None:
         """The fetch loop of one queue: fetch as many jobs as there are free slots; when
-        the queue is drained, wait for a notification or the polling interval."""
+        the queue is drained, wait for a notification or the polling interval (with
+        ``eager_polling``, also for this worker to record finished jobs); when its rate
+        limit's window is spent, wait until the next window opens."""
         executor = self.executors[name]
         wake = self._wake[name]
+        reconfigured = self._reconfigured[name]
         while not self.stopping.is_set():
             queue = self.queues[name]
             if queue.state != Queue.State.ACTIVE:
@@ -520,15 +531,22 @@ class Worker:
                 await self._sleep(queue.polling_interval, executor.slot_freed)
                 continue
             wake.clear()
-            jobs = await self._record_and_fetch(name, free)
+            reconfigured.clear()
+            claim = await self._record_and_fetch(name, free)
+            jobs = claim.jobs
             for job in jobs:
                 self._claimed.add((job.id, job.attempts))
                 self._unrecorded[name] += 1
             await self._dispatch_all(executor, jobs)
-            if len(jobs) < free and not self.stopping.is_set():
+            if self.stopping.is_set():
+                break
+            if claim.rate_limited_for is not None:
+                # Fetching again before the window reopens would claim nothing.
+                await self._sleep(claim.rate_limited_for, reconfigured)
+            elif len(jobs) < free:
                 await self._sleep(queue.polling_interval, wake)
 
-    async def _record_and_fetch(self, name: str, limit: int) -> list[QueuedJob]:
+    async def _record_and_fetch(self, name: str, limit: int) -> Claim:
         """Write every pending outcome and claim up to ``limit`` jobs: one round trip."""
         batch = self._take_outcomes()
         store = self.chancy.store
@@ -538,13 +556,14 @@ class Worker:
                     conn,
                     [
                         store.complete_jobs(self.worker_id, batch),
-                        store.fetch_jobs(name, self.worker_id, limit),
+                        store.claim_jobs(name, self.worker_id, limit),
                     ],
                 )
         except BaseException:
             self._return_outcomes(batch)
             raise
-        self._recorded(batch)
+        # The fetch ran after the batch was written: no need to wake this queue for it.
+        self._recorded(batch, fetched=name)
         return jobs  # type: ignore[no-any-return]
 
     async def _dispatch_all(self, executor: Executor, jobs: list[QueuedJob]) -> None:
@@ -737,7 +756,7 @@ class Worker:
             raise
         self._recorded(batch)
 
-    def _recorded(self, batch: list[Outcome]) -> None:
+    def _recorded(self, batch: list[Outcome], fetched: str | None = None) -> None:
         if not batch:
             return
         recorded = collections.Counter(outcome.job.queue for outcome in batch)
@@ -752,6 +771,8 @@ class Worker:
             executor = self.executors.get(queue_name)
             if executor is not None:
                 executor.slot_freed.set()
+            if queue_name != fetched:
+                self._wake_after_recorded(queue_name, batch)
         self.hub.emit("job.recorded", batch)
         # A job handed back to run again soon is fetched when due, not a poll later.
         for outcome in batch:
@@ -764,6 +785,19 @@ class Worker:
                     and outcome.delay < queue.polling_interval
                 ):
                     self.loop.call_later(outcome.delay, wake.set)
+
+    def _wake_after_recorded(self, queue_name: str, batch: list[Outcome]) -> None:
+        """Fetch again now if the queue polls eagerly, or if a finished job freed a place
+        under its concurrency key (jobs of that key may be waiting)."""
+        queue = self.queues.get(queue_name)
+        wake = self._wake.get(queue_name)
+        if queue is None or wake is None:
+            return
+        if queue.eager_polling or any(
+            outcome.job.queue == queue_name and outcome.job.concurrency_key is not None
+            for outcome in batch
+        ):
+            wake.set()
 
     # -- progress ---------------------------------------------------------------------
 
@@ -876,3 +910,28 @@ def _executor_settings(queue: Queue) -> tuple[Any, ...]:
 
 def _meta_key(meta: Any) -> str:
     return json.dumps(meta, sort_keys=True, default=repr)
+
+
+def exit_if_threads_linger(margin: float = 2.0, code: int = 0) -> None:
+    """For a process that only ran a worker (the CLI): once the worker has stopped, give
+    threads that jobs left behind ``margin`` seconds, then end the process without them.
+    Interpreter shutdown joins every non-daemon thread, so a job that started one and
+    ignores cancellation would otherwise keep a stopped worker alive indefinitely."""
+    deadline = time.monotonic() + margin
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join(max(deadline - time.monotonic(), 0))
+    lingering = [
+        t.name for t in threading.enumerate() if t is not current and not t.daemon and t.is_alive()
+    ]
+    if lingering:
+        logging.getLogger("chancy").warning(
+            "threads left by jobs still running %.1f s after the worker stopped (%s): exiting",
+            margin,
+            ", ".join(lingering),
+        )
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)

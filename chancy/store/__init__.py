@@ -41,7 +41,7 @@ _HEADER_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` if it can prefix table names, else raise :class:`InvalidNameError`."""
-    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+    if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
         raise InvalidNameError(
             f"invalid table prefix {prefix!r}: use 1-30 of [a-z0-9_], not starting with a digit"
         )
@@ -130,14 +130,95 @@ def _as_text(encoded: str | bytes) -> str:
     return encoded.decode() if isinstance(encoded, bytes | bytearray) else encoded
 
 
+#: Largest accepted JSON encoding of a job's kwargs (or meta), in bytes.
+MAX_PAYLOAD_BYTES = 1024 * 1024
+#: Deepest accepted nesting of lists and dicts in kwargs (or meta).
+MAX_PAYLOAD_DEPTH = 100
+_INT64 = 2**63
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "a string with a NUL character, which jsonb cannot store"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a string with a lone surrogate, which is not valid Unicode"
+    return None
+
+
+def _payload_problem(value: Any, root: str) -> tuple[str, str] | None:
+    """The first value JSON (or jsonb, or a consumer reading int64) cannot hold faithfully,
+    as (path, reason), e.g. ``("kwargs['a'][3]", "a set")``; None if all is well. Walks
+    iteratively, so deep nesting cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(value, root, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, str):
+            reason = _string_problem(item)
+            if reason is not None:
+                return path, reason
+        elif isinstance(item, int):
+            if not -_INT64 <= item < _INT64:
+                return path, "an integer outside the signed 64-bit range"
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                return path, f"{item!r}, which JSON cannot represent"
+        elif isinstance(item, dict | list | tuple):
+            if depth >= MAX_PAYLOAD_DEPTH:
+                return path, f"nested deeper than {MAX_PAYLOAD_DEPTH} levels"
+            if isinstance(item, dict):
+                children = []
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return (
+                            f"{path}[{key!r}]",
+                            f"a key of type {type(key).__name__} (keys must be str)",
+                        )
+                    reason = _string_problem(key)
+                    if reason is not None:
+                        return f"{path}[{key!r}]", f"a key that is {reason}"
+                    children.append((child, f"{path}[{key!r}]", depth + 1))
+                stack.extend(reversed(children))
+            else:
+                stack.extend(
+                    (item[i], f"{path}[{i}]", depth + 1) for i in range(len(item) - 1, -1, -1)
+                )
+        else:
+            return (
+                path,
+                f"a {type(item).__name__}, which is not JSON "
+                "(use str, int, float, bool, None, list or dict)",
+            )
+    return None
+
+
 def dumps(value: Any, what: str, encoder: JsonDumps = _stdlib_dumps) -> str:
-    """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
+    """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what`` and
+    the path of the offending value (``kwargs['a'][3]``). With the default encoders every
+    value is checked first; a custom ``json_dumps`` decides for itself what it encodes."""
+    root = what.split(" ", 1)[0]
+    if encoder is _stdlib_dumps or encoder is _orjson_dumps:
+        problem = _payload_problem(value, root)
+        if problem is not None:
+            path, reason = problem
+            raise JobArgumentsError(f"{what}: {path} is {reason}", path=path)
     try:
         encoded = _as_text(encoder(value))
     except (TypeError, ValueError) as exc:
-        raise JobArgumentsError(f"{what} must be JSON-serialisable: {exc}") from None
+        raise JobArgumentsError(f"{what} must be JSON-serialisable: {exc}", path=root) from None
     if "\\u0000" in encoded and _JSON_NUL.search(encoded):
-        raise JobArgumentsError(f"{what} contains a NUL character, which jsonb cannot store")
+        raise JobArgumentsError(
+            f"{what} contains a NUL character, which jsonb cannot store", path=root
+        )
+    if len(encoded) > MAX_PAYLOAD_BYTES and len(encoded.encode()) > MAX_PAYLOAD_BYTES:
+        raise JobArgumentsError(
+            f"{what}: {root} is {len(encoded.encode())} bytes as JSON, over the "
+            f"{MAX_PAYLOAD_BYTES}-byte limit; store large data elsewhere and pass a key",
+            path=root,
+        )
     return encoded
 
 
@@ -154,6 +235,15 @@ class PushResult:
 
     reference: Reference
     inserted: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """What one fetch claimed; ``rate_limited_for`` is set when the queue's rate window is
+    spent: the seconds until the next window opens (fetching sooner claims nothing)."""
+
+    jobs: list[QueuedJob]
+    rate_limited_for: float | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -279,6 +369,7 @@ class Store:
                 "max_attempts",
                 "unique_key",
                 "scheduled_at",
+                "concurrency_key",
             )
         }
         # Jobs sharing a unique key within one batch collapse onto the first of them.
@@ -310,6 +401,7 @@ class Store:
             columns["max_attempts"].append(job.max_attempts)
             columns["unique_key"].append(job.unique_key)
             columns["scheduled_at"].append(job.scheduled_at)
+            columns["concurrency_key"].append(job.concurrency_key)
         if not jobs:
             return []
         params = {
@@ -355,6 +447,7 @@ class Store:
             "max_attempts": job.max_attempts,
             "unique_key": job.unique_key,
             "scheduled_at": job.scheduled_at,
+            "concurrency_key": job.concurrency_key,
             "require_queues": require_queues,
             "notify": notify,
             "channel": self.channel,
@@ -366,14 +459,26 @@ class Store:
 
     def fetch_jobs(self, queue: str, worker_id: str, limit: int) -> Op[list[QueuedJob]]:
         """Claim up to ``limit`` due jobs of ``queue``: highest priority first, then the
-        longest due (``scheduled_at``), then the oldest."""
+        longest due (``scheduled_at``), then the oldest (see :meth:`claim_jobs`)."""
+        claim = yield from self.claim_jobs(queue, worker_id, limit)
+        return claim.jobs
+
+    def claim_jobs(self, queue: str, worker_id: str, limit: int) -> Op[Claim]:
+        """Claim up to ``limit`` due jobs of ``queue`` within its rate limit and
+        concurrency-key limit, in fetch order; says when a spent rate window reopens."""
         rows = yield (
             self.q("fetch_jobs_many"),
             {"queue": queue, "worker_id": worker_id, "limit": limit},
         )
-        jobs = [row_to_job(r) for r in rows]
+        retry_in: float | None = None
+        jobs = []
+        for row in rows:
+            if row["id"] is None:
+                retry_in = row["retry_in"]
+            else:
+                jobs.append(row_to_job(row))
         jobs.sort(key=lambda j: (-j.priority, j.scheduled_at, j.id.uuid))
-        return jobs
+        return Claim(jobs, retry_in)
 
     def complete_jobs(self, worker_id: str, outcomes: Sequence[Outcome]) -> Op[set[Reference]]:
         """Record outcomes in one statement; returns the jobs whose claim still held.
@@ -493,6 +598,7 @@ class Store:
                 "rate_limit_window": queue.rate_limit_window,
                 "resume_at": queue.resume_at,
                 "eager_polling": queue.eager_polling,
+                "concurrency_key_limit": queue.concurrency_key_limit,
                 "upsert": upsert,
                 "notify": notify,
                 "channel": self.channel,
@@ -640,6 +746,7 @@ def row_to_job(row: Row) -> QueuedJob:
         priority=row["priority"],
         max_attempts=row["max_attempts"],
         unique_key=row["unique_key"],
+        concurrency_key=row.get("concurrency_key"),
         scheduled_at=row["scheduled_at"],
         state=QueuedJob.State(row["state"]),
         attempts=row["attempts"],
@@ -667,6 +774,7 @@ def row_to_queue(row: Row) -> Queue:
         rate_limit_window=row["rate_limit_window"],
         resume_at=row["resume_at"],
         eager_polling=row["eager_polling"],
+        concurrency_key_limit=row.get("concurrency_key_limit", 1),
     )
 
 
