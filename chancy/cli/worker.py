@@ -64,3 +64,8 @@ def start(
 
     run_with_app(state, serve)
     exit_if_threads_linger()
+
+
+from chancy.cli.web import web  # noqa: E402 - the dashboard command lives in its own module
+
+worker.add_command(web)
