@@ -340,6 +340,9 @@ class Chancy:
         for job in jobs:
             if not isinstance(job, Job):
                 raise JobValidationError(f"push() needs Job instances, not {job!r}")
+        for plugin in self.plugins.values():
+            if type(plugin).on_job_pushing is not _plugin_base().on_job_pushing:
+                jobs = [plugin.on_job_pushing(job) for job in jobs]
         return self.store.push_jobs(
             jobs, require_queues=self.require_declared_queues, notify=self.notifications
         )
@@ -544,3 +547,9 @@ def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
             batch = []
     if batch:
         yield batch
+
+
+def _plugin_base() -> type[Plugin]:
+    from chancy.plugin import Plugin
+
+    return Plugin

@@ -27,7 +27,13 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from chancy.app import Chancy
-from chancy.executors.base import Execution, Kind, classify_exception, prepare_call
+from chancy.executors.base import (
+    Execution,
+    Kind,
+    classify_exception,
+    current_job,
+    prepare_call,
+)
 from chancy.job import Job, JobFunction, QueuedJob, Reference, function_path
 from chancy.store import Outcome
 from chancy.store import eco as eco_store
@@ -68,6 +74,7 @@ def _failed(job: QueuedJob, exc: BaseException) -> Execution:
 
 
 async def _execute(job: QueuedJob) -> Execution:
+    previous = current_job.get()
     try:
         func, kwargs = prepare_call(job)
         result = func(**kwargs)
@@ -75,10 +82,13 @@ async def _execute(job: QueuedJob) -> Execution:
             result = await result
     except Exception as exc:
         return _failed(job, exc)
+    finally:
+        current_job.set(previous)
     return Execution(job, Kind.SUCCEEDED, result=result, meta=dict(job.meta))
 
 
 def _sync_execute(job: QueuedJob) -> Execution:
+    previous = current_job.get()
     try:
         func, kwargs = prepare_call(job)
         result = func(**kwargs)
@@ -86,6 +96,8 @@ def _sync_execute(job: QueuedJob) -> Execution:
             result = asyncio.run(_awaited(result))
     except Exception as exc:
         return _failed(job, exc)
+    finally:
+        current_job.set(previous)
     return Execution(job, Kind.SUCCEEDED, result=result, meta=dict(job.meta))
 
 

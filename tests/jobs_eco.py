@@ -54,3 +54,35 @@ async def alogs_something(*, message: str) -> str:
 
 def child_job() -> Job:
     return Job(func="tests.jobs_eco.record", queue="eco", kwargs={"value": 1})
+
+
+initialized: list[str] = []
+
+
+def mark_child() -> None:
+    """A Process executor ``initializer``: runs once in each child before its first job."""
+    initialized.append("yes")
+
+
+def context_seen_in_child() -> dict[str, object]:
+    """Log a record through a filtered handler and return what it carried."""
+    from chancy.contrib.logging import JobContextFilter
+
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    handler.addFilter(JobContextFilter())
+    child_log = logging.getLogger("tests.jobs_eco.child")
+    child_log.addHandler(handler)
+    try:
+        child_log.warning("from the child")
+    finally:
+        child_log.removeHandler(handler)
+    record = seen[0]
+    return {
+        "job_id": record.chancy_job_id,  # type: ignore[attr-defined]
+        "queue": record.chancy_queue,  # type: ignore[attr-defined]
+        "func": record.chancy_func,  # type: ignore[attr-defined]
+        "attempt": record.chancy_attempt,  # type: ignore[attr-defined]
+        "initialized": list(initialized),
+    }

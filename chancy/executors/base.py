@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextvars
 import dataclasses
 import enum
 import functools
@@ -21,6 +22,13 @@ from chancy.job import QueuedJob, Reference
 if TYPE_CHECKING:
     from chancy.queue import Queue
     from chancy.worker import Worker
+
+
+#: The job whose function runs in the current context (task, thread or child process); set
+#: by :func:`prepare_call`, read by :mod:`chancy.contrib.logging` to tag log records.
+current_job: contextvars.ContextVar[QueuedJob | None] = contextvars.ContextVar(
+    "chancy_current_job", default=None
+)
 
 
 class Kind(enum.StrEnum):
@@ -202,6 +210,7 @@ def job_parameter(func: Callable[..., Any]) -> str | None:
 
 def prepare_call(job: QueuedJob) -> tuple[Callable[..., Any], dict[str, Any]]:
     """The function to call and its keyword arguments (including the running job)."""
+    current_job.set(job)
     func = import_function(job.func)
     kwargs = dict(job.kwargs)
     name = job_parameter(func)
