@@ -93,7 +93,7 @@ def test_priority_defer_and_validation(chancy_tables: Chancy) -> None:
     with pytest.raises(InvalidTask, match="priority"):
         tasks.add.using(priority=101)
     with pytest.raises(InvalidTask, match="aware"):
-        tasks.add.using(run_after=dt.datetime(2030, 1, 1))  # noqa: DTZ001
+        tasks.add.using(run_after=dt.datetime(2030, 1, 1))
     with pytest.raises(TypeError):
         tasks.add.enqueue(object(), 1)
     for missing in ("not-a-uuid", "01890000-0000-7000-8000-000000000000"):
@@ -121,9 +121,14 @@ def test_aenqueue_signals_and_get_chancy(chancy_tables: Chancy) -> None:
 
         return receive
 
-    handlers = {signal: receiver(name) for name, signal in (
-        ("enqueued", task_enqueued), ("started", task_started), ("finished", task_finished)
-    )}
+    handlers = {
+        signal: receiver(name)
+        for name, signal in (
+            ("enqueued", task_enqueued),
+            ("started", task_started),
+            ("finished", task_finished),
+        )
+    }
     for signal, handler in handlers.items():
         signal.connect(handler)
     try:

@@ -77,7 +77,9 @@ def chancy_from_settings() -> Chancy:
     from django.db import connections
 
     config: Mapping[str, Any] = getattr(_settings(), "CHANCY", None) or {}
-    dsn = config.get("DSN") or database_dsn(connections[config.get("DATABASE", "default")].settings_dict)
+    dsn = config.get("DSN") or database_dsn(
+        connections[config.get("DATABASE", "default")].settings_dict
+    )
     options = dict(config.get("OPTIONS") or {})
     if "PREFIX" in config:
         options["prefix"] = config["PREFIX"]

@@ -10,7 +10,7 @@ from django.http import HttpRequest
 from .models import Job, Queue, Worker
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ReadOnlyAdmin(admin.ModelAdmin):
     """Chancy's tables change through its API only: the admin views, never edits."""
 
     def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:

@@ -83,7 +83,7 @@ class Queue(models.Model):
         ordering = ["name"]
 
     def __str__(self) -> str:
-        return self.name
+        return str(self.name)
 
 
 class Worker(models.Model):

@@ -91,7 +91,7 @@ class ChancyBackend(BaseTaskBackend):
         """The backend's :class:`Chancy` (built on first use)."""
         if self._chancy is None:
             dsn = self.explicit_dsn or database_dsn(connections[self.database].settings_dict)
-            options = {"prefix": self.prefix, "require_declared_queues": False}
+            options: dict[str, Any] = {"prefix": self.prefix, "require_declared_queues": False}
             options.update(self.chancy_options)
             self._chancy = Chancy(dsn, **options)
         return self._chancy
@@ -139,9 +139,7 @@ class ChancyBackend(BaseTaskBackend):
             meta={"django_task": task.module_path},
         )
 
-    def enqueue(
-        self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]
-    ) -> TaskResult:
+    def enqueue(self, task: Task, args: Sequence[Any], kwargs: Mapping[str, Any]) -> TaskResult:
         self.validate_task(task)
         job = self.job_for(task, normalize_json(list(args)), normalize_json(dict(kwargs)))
         if self.explicit_dsn is None and connections[self.database].vendor == "postgresql":
@@ -187,10 +185,15 @@ class ChancyBackend(BaseTaskBackend):
         if task is None:
             task = load_task(job.kwargs["task"])
         status = STATUS[job.state]
-        finished = job.completed_at if status in (
-            TaskResultStatus.SUCCESSFUL,
-            TaskResultStatus.FAILED,
-        ) else None
+        finished = (
+            job.completed_at
+            if status
+            in (
+                TaskResultStatus.SUCCESSFUL,
+                TaskResultStatus.FAILED,
+            )
+            else None
+        )
         result = TaskResult(
             task=task,
             id=str(job.id),
