@@ -144,3 +144,14 @@ def test_aenqueue_signals_and_get_chancy(chancy_tables: Chancy) -> None:
     ]
     assert asyncio.run(tasks.add.aget_result(result.id)).return_value == 8
     assert get_chancy() is task_backends["default"].chancy
+
+
+def test_backend_instances_of_other_threads_share_one_chancy(chancy_tables: Chancy) -> None:
+    import threading
+
+    seen: list[Any] = []
+    thread = threading.Thread(target=lambda: seen.append(task_backends["default"]))
+    thread.start()
+    thread.join()
+    assert seen[0] is not task_backends["default"]  # Django makes one per thread
+    assert seen[0].chancy is task_backends["default"].chancy

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -61,6 +62,8 @@ STATUS = {
     QueuedJob.State.FAILED: TaskResultStatus.FAILED,
     QueuedJob.State.CANCELLED: TaskResultStatus.FAILED,
 }
+_apps: dict[tuple[str, str, str], Chancy] = {}
+_apps_lock = threading.Lock()
 _EXCEPTION_RE = re.compile(r"^([A-Za-z_][\w.]*)(?::|$)")
 
 
@@ -88,12 +91,18 @@ class ChancyBackend(BaseTaskBackend):
 
     @property
     def chancy(self) -> Chancy:
-        """The backend's :class:`Chancy` (built on first use)."""
+        """The backend's :class:`Chancy`, built on first use and shared by every instance
+        of this backend in the process (Django makes one per thread): one set of pools."""
         if self._chancy is None:
             dsn = self.explicit_dsn or database_dsn(connections[self.database].settings_dict)
             options: dict[str, Any] = {"prefix": self.prefix, "require_declared_queues": False}
             options.update(self.chancy_options)
-            self._chancy = Chancy(dsn, **options)
+            key = (self.alias, dsn, repr(sorted(options.items())))
+            with _apps_lock:
+                app = _apps.get(key)
+                if app is None:
+                    app = _apps[key] = Chancy(dsn, **options)
+            self._chancy = app
         return self._chancy
 
     def queue_definitions(self) -> list[Queue]:
