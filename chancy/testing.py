@@ -277,8 +277,10 @@ def inline(chancy: Chancy) -> Iterator[Chancy]:
         return ref
 
     async def push_many(jobs: Iterable[Job], *, batch_size: int = 1000) -> AsyncIterator[Any]:
+        jobs = list(jobs)
         async for refs in original_push_many(jobs, batch_size=batch_size):
-            await run_pending(chancy)
+            for queue in sorted({job.queue for job in jobs}):
+                await run_pending(chancy, queue)
             yield refs
 
     patched = {"push": push, "sync_push": sync_push, "push_many": push_many}

@@ -142,3 +142,12 @@ def test_manage_py_chancy_worker_start_serves_the_tasks_backend(
     assert worker.returncode == 0, output
     assert "worker dj-cli serving" in output
     assert task_backends["default"].queues == {"default", "django"}
+
+
+def test_apush_from_async_code(chancy_tables: Chancy) -> None:
+    import asyncio
+
+    from chancy.contrib.django import apush
+
+    ref = asyncio.run(apush(a_job(6)))
+    assert opened(chancy_tables).sync_get_job(ref) is not None

@@ -27,6 +27,7 @@ from chancy.errors import ConfigurationError
 from chancy.job import Job, Reference
 
 __all__ = [
+    "apush",
     "database_dsn",
     "get_chancy",
     "opened",
@@ -131,6 +132,17 @@ def push(job: Job, *, using: str = "default", chancy: Chancy | None = None) -> R
     ``ATOMIC_REQUESTS``) the job exists if and only if the transaction commits."""
     app = chancy or get_chancy()
     return app.sync_push_ex(raw_connection(using), job)
+
+
+async def apush(job: Job, *, using: str = "default", chancy: Chancy | None = None) -> Reference:
+    """:func:`push` for async views: runs it in Django's sync thread, on the connection
+    (and transaction) that sync code there uses."""
+    from asgiref.sync import sync_to_async
+
+    ref: Reference = await sync_to_async(push, thread_sensitive=True)(
+        job, using=using, chancy=chancy
+    )
+    return ref
 
 
 def push_many(
