@@ -21,6 +21,8 @@ from chancy.contrib.django import database_dsn, opened, push, push_many, push_on
 from chancy.contrib.django.models import Job as JobRow
 from chancy.contrib.django.models import Queue as QueueRow
 from tests.conftest import ROOT
+from tests.django_project import tasks
+from tests.django_project.helpers import work_until_finished
 
 pytest_plugins = ["tests.django_project.fixtures"]
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -87,6 +89,10 @@ def test_admin_lists_and_shows_jobs_and_queues_read_only(
     detail = admin_client.get(f"/admin/chancy/job/{ref}/change/")
     assert detail.status_code == 200 and "admin-visible" in detail.content.decode()
     assert admin_client.get("/admin/chancy/job/?state__exact=pending").status_code == 200
+    failed = tasks.fail.enqueue("shown in admin")
+    work_until_finished(chancy_tables, [failed.id])
+    shown = admin_client.get(f"/admin/chancy/job/{failed.id}/change/").content.decode()
+    assert "<pre>Traceback" in shown and "ValueError: shown in admin" in shown
     queues = admin_client.get("/admin/chancy/queue/")
     assert queues.status_code == 200 and "django-process" in queues.content.decode()
     assert admin_client.get("/admin/chancy/worker/").status_code == 200
@@ -112,8 +118,6 @@ def test_manage_py_chancy_wraps_the_cli(
 def test_manage_py_chancy_worker_start_serves_the_tasks_backend(
     chancy_tables: Chancy, tmp_path: Any
 ) -> None:
-    from tests.django_project import tasks
-
     result = tasks.add.enqueue(20, 22)
     env = dict(os.environ)
     env["DJANGO_SETTINGS_MODULE"] = "tests.django_project.settings"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import json
+
 from django.contrib import admin
 from django.http import HttpRequest
+from django.utils.html import format_html_join
 
 from .models import Job, Queue, Worker
 
@@ -30,6 +33,20 @@ class JobAdmin(ReadOnlyAdmin):
     search_fields = ("=id", "func", "unique_key")
     date_hierarchy = "created_at"
     show_full_result_count = False  # counting a big jobs table is slow
+    exclude = ("errors",)
+    readonly_fields = ("tracebacks",)
+
+    @admin.display(description="errors")
+    def tracebacks(self, obj: Job) -> str:
+        """Each failed attempt's traceback, readable."""
+        errors = obj.errors if isinstance(obj.errors, list) else json.loads(obj.errors or "[]")
+        if not errors:
+            return "-"
+        return format_html_join(
+            "",
+            "<p>attempt {}</p><pre>{}</pre>",
+            ((error.get("attempt"), error.get("traceback", "")) for error in errors),
+        )
 
 
 @admin.register(Queue)
