@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import json
+from typing import Any
 
 from django.contrib import admin
 from django.http import HttpRequest
@@ -36,16 +35,17 @@ class JobAdmin(ReadOnlyAdmin):
     exclude = ("errors",)
     readonly_fields = ("tracebacks",)
 
-    @admin.display(description="errors")
     def tracebacks(self, obj: Job) -> str:
         """Each failed attempt's traceback, readable."""
         errors = obj.errors if isinstance(obj.errors, list) else json.loads(obj.errors or "[]")
         if not errors:
             return "-"
-        return format_html_join(
-            "",
-            "<p>attempt {}</p><pre>{}</pre>",
-            ((error.get("attempt"), error.get("traceback", "")) for error in errors),
+        return str(
+            format_html_join(
+                "",
+                "<p>attempt {}</p><pre>{}</pre>",
+                ((error.get("attempt"), error.get("traceback", "")) for error in errors),
+            )
         )
 
 
