@@ -30,10 +30,10 @@ def fast_plugins() -> list[Plugin]:
 
 def test_default_plugins_and_replacement(dsn: str) -> None:
     ids = set(Chancy(dsn).plugins)
-    assert ids == {"chancy.leadership", "chancy.recovery", "chancy.pruner"}
+    assert ids == {"chancy.leadership", "chancy.recovery", "chancy.pruner", "chancy.metrics"}
     custom = Leadership(poll_interval=1, timeout=3)
     app = Chancy(dsn, plugins=[custom])
-    assert app.plugins["chancy.leadership"] is custom and len(app.plugins) == 3
+    assert app.plugins["chancy.leadership"] is custom and len(app.plugins) == 4
     assert Chancy(dsn, no_default_plugins=True).plugins == {}
 
 

@@ -10,9 +10,10 @@ if TYPE_CHECKING:
 
 
 def default_plugins() -> list[Plugin]:
-    """Fresh instances of the default plugins: Leadership, Recovery and Pruner."""
+    """Fresh instances of the default plugins: Leadership, Recovery, Pruner and Metrics."""
     from chancy.plugins.leadership import Leadership
+    from chancy.plugins.metrics import Metrics
     from chancy.plugins.pruner import Pruner
     from chancy.plugins.recovery import Recovery
 
-    return [Leadership(), Recovery(), Pruner()]
+    return [Leadership(), Recovery(), Pruner(), Metrics()]
