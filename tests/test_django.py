@@ -155,3 +155,12 @@ def test_apush_from_async_code(chancy_tables: Chancy) -> None:
 
     ref = asyncio.run(apush(a_job(6)))
     assert opened(chancy_tables).sync_get_job(ref) is not None
+
+
+def test_admin_of_a_plugin_table_that_does_not_exist_explains_itself(
+    chancy_tables: Chancy, admin_client: Any
+) -> None:
+    # The test project's Chancy has no Cron plugin, so its table was never created.
+    response = admin_client.get("/admin/chancy/cronschedule/", follow=True)
+    assert response.redirect_chain == [("/admin/", 302)]
+    assert "add the Cron plugin" in response.content.decode()

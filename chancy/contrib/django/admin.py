@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from django.contrib import admin
-from django.http import HttpRequest
-from django.utils.html import format_html_join
+from django.contrib import admin, messages
+from django.db import connections, router
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.urls import reverse
+from django.utils.html import format_html, format_html_join
 
-from .models import Job, Queue, Worker
+from .models import CronSchedule, Job, Queue, Worker, Workflow
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -58,3 +60,63 @@ class QueueAdmin(ReadOnlyAdmin):
 @admin.register(Worker)
 class WorkerAdmin(ReadOnlyAdmin):
     list_display = ("worker_id", "hostname", "pid", "last_seen", "expires_at")
+
+
+class PluginTableAdmin(ReadOnlyAdmin):
+    """For a plugin's table, which exists only once that plugin has been migrated."""
+
+    plugin = ""
+
+    def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:
+        table = self.model._meta.db_table
+        connection = connections[router.db_for_read(self.model)]
+        with connection.cursor() as cursor:
+            exists = table in connection.introspection.table_names(cursor)
+        if not exists:
+            self.message_user(
+                request,
+                f"There is no {table} table: add the {self.plugin} plugin to your Chancy "
+                "and run `manage.py chancy misc migrate`.",
+                level=messages.WARNING,
+            )
+            return HttpResponseRedirect(reverse("admin:index"))
+        return super().changelist_view(request, extra_context)
+
+
+@admin.register(CronSchedule)
+class CronScheduleAdmin(PluginTableAdmin):
+    plugin = "Cron"
+    list_display = ("unique_key", "cron", "timezone", "next_run", "last_run")
+    search_fields = ("unique_key",)
+
+
+@admin.register(Workflow)
+class WorkflowAdmin(PluginTableAdmin):
+    plugin = "WorkflowPlugin"
+    list_display = ("id", "name", "state", "created_at", "completed_at")
+    list_filter = ("state",)
+    search_fields = ("=id", "name")
+    readonly_fields = ("step_table",)
+
+    def step_table(self, obj: Workflow) -> str:
+        """The workflow's steps in order, with their state, dependencies and job."""
+        rows = (
+            (
+                step.step_id,
+                step.state,
+                ", ".join(step.dependencies) or "-",
+                (step.job or {}).get("func", ""),
+                step.job_id or "-",
+            )
+            for step in obj.steps.all()
+        )
+        body = format_html_join(
+            "", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", rows
+        )
+        return str(
+            format_html(
+                "<table><tr><th>step</th><th>state</th><th>after</th><th>function</th>"
+                "<th>job</th></tr>{}</table>",
+                body,
+            )
+        )

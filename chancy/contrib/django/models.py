@@ -105,3 +105,71 @@ class Worker(models.Model):
 
     def __str__(self) -> str:
         return f"{self.worker_id} on {self.hostname}"
+
+
+class CronSchedule(models.Model):
+    """A row of the Cron plugin's schedules table (exists once the plugin is migrated)."""
+
+    unique_key = models.TextField(primary_key=True)
+    job = models.JSONField()
+    cron = models.TextField()
+    timezone = models.TextField()
+    catch_up = models.IntegerField()
+    last_run = models.DateTimeField(null=True)
+    next_run = models.DateTimeField(null=True)
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+
+    class Meta:
+        managed = False
+        db_table = f"{table_prefix()}cron"
+        ordering = ["unique_key"]
+        verbose_name = "cron schedule"
+
+    def __str__(self) -> str:
+        return f"{self.unique_key} ({self.cron})"
+
+
+class Workflow(models.Model):
+    """A row of the workflow plugin's workflows table."""
+
+    id = models.UUIDField(primary_key=True)
+    name = models.TextField()
+    state = models.TextField()
+    created_at = models.DateTimeField()
+    updated_at = models.DateTimeField()
+    completed_at = models.DateTimeField(null=True)
+
+    class Meta:
+        managed = False
+        db_table = f"{table_prefix()}workflows"
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.state})"
+
+
+class WorkflowStep(models.Model):
+    """A row of the workflow steps table. Its real key is (workflow, step_id): read steps
+    through ``workflow.steps`` only."""
+
+    workflow = models.ForeignKey(
+        Workflow, on_delete=models.DO_NOTHING, db_column="workflow_id", related_name="steps"
+    )
+    step_id = models.TextField(primary_key=True)
+    group_id = models.TextField(null=True)
+    position = models.IntegerField()
+    job = models.JSONField()
+    dependencies = ArrayField(models.TextField())
+    state = models.TextField()
+    job_id = models.UUIDField(null=True)
+    started_at = models.DateTimeField(null=True)
+    completed_at = models.DateTimeField(null=True)
+
+    class Meta:
+        managed = False
+        db_table = f"{table_prefix()}workflow_steps"
+        ordering = ["position"]
+
+    def __str__(self) -> str:
+        return f"{self.step_id} ({self.state})"
