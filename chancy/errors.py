@@ -75,3 +75,8 @@ class Snooze(ChancyError):
             raise JobValidationError("Snooze delay must be >= 0 seconds")
         self.delay = float(delay)
         super().__init__(f"snoozed for {self.delay} s")
+
+
+class CronValidationError(ChancyError, ValueError):
+    """A cron schedule is invalid: a bad expression or time zone, or a job without a
+    ``unique_key``. Raised by ``Cron.schedule`` before any SQL runs."""
