@@ -164,3 +164,27 @@ def test_admin_of_a_plugin_table_that_does_not_exist_explains_itself(
     response = admin_client.get("/admin/chancy/cronschedule/", follow=True)
     assert response.redirect_chain == [("/admin/", 302)]
     assert "add the Cron plugin" in response.content.decode()
+
+
+def test_admin_shows_cron_schedules_once_the_plugin_is_migrated(
+    chancy_tables: Chancy, admin_client: Any
+) -> None:
+    import psycopg
+
+    from chancy.plugins.cron import Cron
+    from chancy.store import run
+
+    with_cron = opened(Chancy(chancy_tables.dsn, plugins=[Cron()]))
+    with_cron.sync_migrate()
+    try:
+        Cron.sync_schedule(with_cron, "*/5 * * * *", a_job(7).with_unique_key("every-5-minutes"))
+        listed = admin_client.get("/admin/chancy/cronschedule/")
+        assert listed.status_code == 200
+        assert "every-5-minutes" in listed.content.decode()
+        detail = admin_client.get("/admin/chancy/cronschedule/every-5-minutes/change/")
+        assert detail.status_code == 200 and "*/5 * * * *" in detail.content.decode()
+    finally:
+        # Back to no Cron table, as the rest of the session expects.
+        with psycopg.connect(chancy_tables.dsn, autocommit=True) as conn, conn.transaction():
+            run(conn, with_cron.store.migrate("chancy.cron", "chancy.migrations.cron", 0))
+        with_cron.__exit__(None, None, None)
