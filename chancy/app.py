@@ -52,7 +52,9 @@ def _dsn_from(dsn: str | Mapping[str, Any]) -> str:
         ):
             if dsn.get(key):
                 params[name] = dsn[key]
-        params.update(dsn.get("OPTIONS") or {})
+        # Django-only OPTIONS (pool, server_side_binding, ...) are not libpq parameters.
+        libpq = {option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()}
+        params.update((k, v) for k, v in (dsn.get("OPTIONS") or {}).items() if k in libpq)
         return make_conninfo("", **params)
     raise ConfigurationError(f"dsn must be a string or a DATABASES-style dict, not {dsn!r}")
 

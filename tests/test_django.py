@@ -51,6 +51,14 @@ def test_database_dsn_keeps_libpq_options_only() -> None:
     }
 
 
+def test_chancy_accepts_the_databases_entry_itself() -> None:
+    from django.conf import settings
+
+    entry = settings.DATABASES["default"]
+    assert "server_side_binding" in entry["OPTIONS"]
+    assert Chancy(entry).dsn == database_dsn(entry)
+
+
 def test_push_commits_and_rolls_back_with_the_django_transaction(chancy_tables: Chancy) -> None:
     with pytest.raises(RuntimeError), transaction.atomic():
         lost = push(a_job(1))
