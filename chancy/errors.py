@@ -80,3 +80,20 @@ class Snooze(ChancyError):
 class CronValidationError(ChancyError, ValueError):
     """A cron schedule is invalid: a bad expression or time zone, or a job without a
     ``unique_key``. Raised by ``Cron.schedule`` before any SQL runs."""
+
+
+class WorkflowValidationError(ChancyError, ValueError):
+    """A workflow cannot be pushed: a duplicate or invalid step id, a dependency on an
+    unknown step, or a dependency cycle (the message names the steps)."""
+
+
+class DuplicateStepError(WorkflowValidationError):
+    """Two steps (or a step and a group) of one workflow share an id."""
+
+
+class UnknownDependencyError(WorkflowValidationError, LookupError):
+    """A workflow step depends on a step or group id the workflow does not have."""
+
+
+class WorkflowCycleError(WorkflowValidationError):
+    """A workflow's dependencies form a cycle, so some steps could never start."""

@@ -30,10 +30,16 @@ def fast_plugins() -> list[Plugin]:
 
 def test_default_plugins_and_replacement(dsn: str) -> None:
     ids = set(Chancy(dsn).plugins)
-    assert ids == {"chancy.leadership", "chancy.recovery", "chancy.pruner", "chancy.metrics"}
+    assert {
+        "chancy.leadership",
+        "chancy.recovery",
+        "chancy.pruner",
+        "chancy.workflow",
+        "chancy.metrics",
+    } == ids
     custom = Leadership(poll_interval=1, timeout=3)
     app = Chancy(dsn, plugins=[custom])
-    assert app.plugins["chancy.leadership"] is custom and len(app.plugins) == 4
+    assert app.plugins["chancy.leadership"] is custom and len(app.plugins) == len(ids)
     assert Chancy(dsn, no_default_plugins=True).plugins == {}
 
 

@@ -10,10 +10,12 @@ if TYPE_CHECKING:
 
 
 def default_plugins() -> list[Plugin]:
-    """Fresh instances of the default plugins: Leadership, Recovery, Pruner and Metrics."""
+    """Fresh instances of the default plugins: Leadership, Recovery, Pruner,
+    Metrics and WorkflowPlugin."""
     from chancy.plugins.leadership import Leadership
     from chancy.plugins.metrics import Metrics
     from chancy.plugins.pruner import Pruner
     from chancy.plugins.recovery import Recovery
+    from chancy.plugins.workflow import WorkflowPlugin
 
-    return [Leadership(), Recovery(), Pruner(), Metrics()]
+    return [Leadership(), Recovery(), Pruner(), Metrics(), WorkflowPlugin()]

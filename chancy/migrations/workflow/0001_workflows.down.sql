@@ -1,0 +1,2 @@
+DROP TABLE IF EXISTS {workflow_steps};
+DROP TABLE IF EXISTS {workflows};
