@@ -196,3 +196,26 @@ def test_admin_shows_cron_schedules_once_the_plugin_is_migrated(
         with psycopg.connect(chancy_tables.dsn, autocommit=True) as conn, conn.transaction():
             run(conn, with_cron.store.migrate("chancy.cron", "chancy.migrations.cron", 0))
         with_cron.__exit__(None, None, None)
+
+
+def test_admin_shows_workflows_with_their_steps(chancy_tables: Chancy, admin_client: Any) -> None:
+    import asyncio
+
+    from chancy.plugins.workflow import Workflow, WorkflowPlugin
+
+    workflow = (
+        Workflow("nightly-report")
+        .add("fetch", a_job(1))
+        .add("render", Job(func="json.loads", queue="default", kwargs={"s": "1"}), ["fetch"])
+    )
+
+    async def push() -> str:
+        async with chancy_tables:
+            return await WorkflowPlugin.push(chancy_tables, workflow)
+
+    workflow_id = asyncio.run(push())
+    listed = admin_client.get("/admin/chancy/workflow/")
+    assert listed.status_code == 200 and "nightly-report" in listed.content.decode()
+    detail = admin_client.get(f"/admin/chancy/workflow/{workflow_id}/change/").content.decode()
+    assert "<td>fetch</td>" in detail and "<td>render</td>" in detail
+    assert "<td>json.loads</td>" in detail
