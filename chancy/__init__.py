@@ -3,6 +3,7 @@
 from chancy.app import Chancy
 from chancy.errors import ChancyError, Snooze
 from chancy.job import Job, JobFunction, Limit, QueuedJob, Reference, job
+from chancy.progress import report_progress
 from chancy.queue import Queue
 from chancy.store import PushResult
 from chancy.worker import Worker
@@ -20,5 +21,6 @@ __all__ = [
     "Snooze",
     "Worker",
     "job",
+    "report_progress",
 ]
 __version__ = "0.1.0"

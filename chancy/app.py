@@ -6,20 +6,26 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import json
 import logging
 import select
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import psycopg
+from psycopg import sql
 from psycopg.conninfo import make_conninfo
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from chancy import store as store_module
 from chancy.errors import (
     ConfigurationError,
+    JobFailedError,
+    JobNotFinishedError,
+    JobNotFoundError,
     JobValidationError,
     NotConnectedError,
     QueueValidationError,
@@ -27,7 +33,8 @@ from chancy.errors import (
 )
 from chancy.job import FINISHED_STATES, Job, QueuedJob, Reference, validate_queue_name
 from chancy.queue import Queue
-from chancy.store import Op, PushResult, Store
+from chancy.signature import check_job_arguments
+from chancy.store import JsonDumps, JsonLoads, Op, PushResult, Store, default_json
 
 if TYPE_CHECKING:
     from chancy.plugin import Plugin
@@ -35,6 +42,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 RefLike = Reference | str | uuid.UUID
 CORE_MIGRATIONS = "chancy.migrations.core"
+#: Default cap on a stored result: 1 MiB of JSON.
+DEFAULT_MAX_RESULT_SIZE = 1_048_576
 
 
 def _dsn_from(dsn: str | Mapping[str, Any]) -> str:
@@ -65,6 +74,11 @@ class Chancy:
     ``require_declared_queues`` (default True) makes a push to a queue that was never
     declared raise :class:`~chancy.errors.UnknownQueueError`; set it False to allow pushing
     ahead of the declaration.
+
+    ``json_dumps``/``json_loads`` replace the JSON codec for job data (orjson by default
+    when installed); ``max_result_size`` caps a stored result's JSON in bytes (a larger
+    one fails its job); ``validate_kwarg_types`` checks kwargs against ``@job``
+    annotations at push (needs pydantic). See docs/results.md.
     """
 
     class Executor(enum.StrEnum):
@@ -89,9 +103,32 @@ class Chancy:
         no_default_plugins: bool = False,
         require_declared_queues: bool = True,
         prepare_threshold: int | None = 5,
+        json_dumps: JsonDumps | None = None,
+        json_loads: JsonLoads | None = None,
+        max_result_size: int | None = DEFAULT_MAX_RESULT_SIZE,
+        validate_kwarg_types: bool = False,
     ) -> None:
         self.dsn = _dsn_from(dsn)
-        self.store = Store(prefix)
+        default_dumps, default_loads = default_json()
+        self.json_dumps: JsonDumps = json_dumps or default_dumps
+        self.json_loads: JsonLoads = json_loads or default_loads
+        if max_result_size is not None and (
+            isinstance(max_result_size, bool)
+            or not isinstance(max_result_size, int)
+            or max_result_size < 1
+        ):
+            raise ConfigurationError("max_result_size must be a positive int (bytes) or None")
+        self.max_result_size = max_result_size
+        self._round_trip: Callable[[Mapping[str, Any]], Any] | None = None
+        if validate_kwarg_types:
+            try:
+                import pydantic  # noqa: F401
+            except ImportError:
+                raise ConfigurationError(
+                    "validate_kwarg_types needs pydantic: pip install 'chancy[pydantic]'"
+                ) from None
+            self._round_trip = lambda kwargs: self.json_loads(self.json_dumps(kwargs))
+        self.store = Store(prefix, json_dumps=self.json_dumps, notify_completions=notifications)
         self.prefix = prefix
         if not 0 <= min_connection_pool_size <= max_connection_pool_size:
             raise ConfigurationError("need 0 <= min_connection_pool_size <= max")
@@ -114,6 +151,7 @@ class Chancy:
             self.plugins[plugin.get_identifier()] = plugin
         self._pool: AsyncConnectionPool | None = None
         self._sync_pool: ConnectionPool | None = None
+        self._listener: _CompletionListener | None = None
 
     # -- pools ------------------------------------------------------------------------
 
@@ -145,6 +183,14 @@ class Chancy:
     def _connection_kwargs(self) -> dict[str, Any]:
         return {"autocommit": True, "prepare_threshold": self.prepare_threshold}
 
+    async def _configure_async(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Pool hook: decode json/jsonb with this app's ``json_loads``."""
+        set_json_loads(self.json_loads, conn)
+
+    def _configure_sync(self, conn: psycopg.Connection[Any]) -> None:
+        """Sync twin of :meth:`_configure_async`."""
+        set_json_loads(self.json_loads, conn)
+
     @property
     def pool(self) -> AsyncConnectionPool:
         """The async pool; opened by ``async with chancy``."""
@@ -168,6 +214,7 @@ class Chancy:
                 kwargs=self._connection_kwargs(),
                 reconnect_timeout=self.poll_reconnect_timeout,
                 check=self._check_async,
+                configure=self._configure_async,
                 open=False,
                 name=f"{self.prefix}pool",
             )
@@ -176,6 +223,9 @@ class Chancy:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            await listener.close()
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
@@ -189,6 +239,7 @@ class Chancy:
                 kwargs=self._connection_kwargs(),
                 reconnect_timeout=self.poll_reconnect_timeout,
                 check=self._check_sync,
+                configure=self._configure_sync,
                 open=False,
                 name=f"{self.prefix}sync-pool",
             )
@@ -342,6 +393,7 @@ class Chancy:
         for job in jobs:
             if not isinstance(job, Job):
                 raise JobValidationError(f"push() needs Job instances, not {job!r}")
+            check_job_arguments(job, self._round_trip)
         for plugin in self.plugins.values():
             if type(plugin).on_job_pushing is not _plugin_base().on_job_pushing:
                 jobs = [plugin.on_job_pushing(job) for job in jobs]
@@ -404,6 +456,24 @@ class Chancy:
         """Like :meth:`push_many_ex` on a pooled connection, but tells for each job whether
         it was inserted or deduplicated onto a live job with the same ``unique_key``."""
         return self._check_push(await self._run(self._push_op(list(jobs))))
+
+    async def push_detailed_ex(
+        self,
+        cursor: psycopg.AsyncCursor[Any] | psycopg.AsyncConnection[Any],
+        jobs: Sequence[Job],
+    ) -> list[PushResult]:
+        """:meth:`push_detailed` inside the caller's transaction (see :meth:`push_ex`)."""
+        return self._check_push(await store_module.arun(cursor, self._push_op(list(jobs))))
+
+    def sync_push_detailed(self, jobs: Sequence[Job]) -> list[PushResult]:
+        """Sync twin of :meth:`push_detailed`."""
+        return self._check_push(self._sync_run(self._push_op(list(jobs))))
+
+    def sync_push_detailed_ex(
+        self, cursor: psycopg.Cursor[Any] | psycopg.Connection[Any], jobs: Sequence[Job]
+    ) -> list[PushResult]:
+        """Sync twin of :meth:`push_detailed_ex`."""
+        return self._check_push(store_module.run(cursor, self._push_op(list(jobs))))
 
     async def push_many(
         self, jobs: Iterable[Job], *, batch_size: int = 1000
@@ -470,7 +540,8 @@ class Chancy:
         states: Iterable[QueuedJob.State | str] | None = None,
     ) -> QueuedJob | None:
         """Wait until the job reaches one of ``states`` (default: finished). Returns the
-        job, or None if it was deleted. Raises :class:`TimeoutError` after ``timeout``."""
+        job (with its ``result``), or None if it was deleted. Raises
+        :class:`TimeoutError` after ``timeout``."""
         jobs = await self.wait_for_jobs([ref], interval=interval, timeout=timeout, states=states)
         return jobs[0] if jobs else None
 
@@ -483,28 +554,131 @@ class Chancy:
         states: Iterable[QueuedJob.State | str] | None = None,
     ) -> list[QueuedJob]:
         """Wait until every job is in ``states`` (default: finished) or deleted; returns
-        the jobs that still exist. Polls at most every ``interval`` seconds, starting fast."""
-        try:
-            wanted = {QueuedJob.State(s) for s in states} if states else set(FINISHED_STATES)
-        except ValueError as exc:
-            raise JobValidationError(f"unknown job state: {exc}") from None
+        the jobs that still exist. Wakes when a worker announces a completion (LISTEN),
+        and polls at most every ``interval`` seconds as the fallback."""
+        wanted = _wanted_states(states)
         pending = {Reference(r) for r in refs}
         deadline = None if timeout is None else time.monotonic() + timeout
-        delay = min(0.01, interval)
-        done: dict[Reference, QueuedJob] = {}
-        while pending:
-            jobs = await self.get_jobs(pending)
-            for job in jobs:
-                if job.state in wanted:
-                    done[job.id] = job
-            pending = {j.id for j in jobs if j.id not in done}
-            if not pending:
-                break
-            if deadline is not None and time.monotonic() + delay > deadline:
-                raise TimeoutError(f"{len(pending)} job(s) did not finish in {timeout} s")
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, interval)
-        return list(done.values())
+        wake = asyncio.Event()
+        listener = None
+        if self.notifications and pending:
+            listener = self._listener = self._listener or _CompletionListener(self)
+            listener.add(wake, {str(r) for r in pending})
+            await listener.start(5 if timeout is None else min(5, timeout))
+        try:
+            delay = min(0.01, interval)
+            done: dict[Reference, QueuedJob] = {}
+            while pending:
+                wake.clear()
+                jobs = await self.get_jobs(pending)
+                for job in jobs:
+                    if job.state in wanted:
+                        done[job.id] = job
+                pending = {j.id for j in jobs if j.id not in done}
+                if not pending:
+                    break
+                pause = delay
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{len(pending)} job(s) did not finish in {timeout} s")
+                    pause = min(pause, left)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(pause):
+                        await wake.wait()
+                delay = min(delay * 2, interval)
+            return list(done.values())
+        finally:
+            if listener is not None:
+                listener.remove(wake)
+
+    def sync_wait_for_job(
+        self,
+        ref: RefLike,
+        *,
+        interval: float = 1,
+        timeout: float | None = None,
+        states: Iterable[QueuedJob.State | str] | None = None,
+    ) -> QueuedJob | None:
+        """Sync twin of :meth:`wait_for_job`."""
+        jobs = self.sync_wait_for_jobs([ref], interval=interval, timeout=timeout, states=states)
+        return jobs[0] if jobs else None
+
+    def sync_wait_for_jobs(
+        self,
+        refs: Iterable[RefLike],
+        *,
+        interval: float = 1,
+        timeout: float | None = None,
+        states: Iterable[QueuedJob.State | str] | None = None,
+    ) -> list[QueuedJob]:
+        """Sync twin of :meth:`wait_for_jobs` (it LISTENs on a connection of its own)."""
+        wanted = _wanted_states(states)
+        pending = {Reference(r) for r in refs}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        conn = self._sync_listen() if self.notifications and pending else None
+        try:
+            delay = min(0.01, interval)
+            done: dict[Reference, QueuedJob] = {}
+            while pending:
+                jobs = self.sync_get_jobs(pending)
+                for job in jobs:
+                    if job.state in wanted:
+                        done[job.id] = job
+                pending = {j.id for j in jobs if j.id not in done}
+                if not pending:
+                    break
+                pause = delay
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise TimeoutError(f"{len(pending)} job(s) did not finish in {timeout} s")
+                    pause = min(pause, left)
+                if conn is None:
+                    time.sleep(pause)
+                else:
+                    try:
+                        names = {str(r) for r in pending}
+                        for notify in conn.notifies(timeout=pause):
+                            if _concerns(notify.payload, names):
+                                break
+                    except psycopg.Error:  # lost the LISTEN connection: poll
+                        conn.close()
+                        conn = None
+                delay = min(delay * 2, interval)
+            return list(done.values())
+        finally:
+            if conn is not None:
+                conn.close()
+
+    def _sync_listen(self) -> psycopg.Connection[Any] | None:
+        try:
+            conn = psycopg.Connection.connect(self.dsn, autocommit=True)
+        except psycopg.Error:
+            return None
+        try:
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.store.done_channel)))
+        except psycopg.Error:
+            conn.close()
+            return None
+        return conn
+
+    async def get_result(
+        self, ref: RefLike, *, wait: bool = False, timeout: float | None = None
+    ) -> Any:
+        """The value a succeeded job returned (as stored: JSON). With ``wait``, first
+        wait (up to ``timeout``) for the job to finish. Raises
+        :class:`~chancy.errors.JobNotFoundError`, :class:`~chancy.errors.JobFailedError`
+        (failed or cancelled) or :class:`~chancy.errors.JobNotFinishedError`."""
+        job = await (self.wait_for_job(ref, timeout=timeout) if wait else self.get_job(ref))
+        return _result_of(ref, job)
+
+    def sync_get_result(
+        self, ref: RefLike, *, wait: bool = False, timeout: float | None = None
+    ) -> Any:
+        """Sync twin of :meth:`get_result`."""
+        job = self.sync_wait_for_job(ref, timeout=timeout) if wait else self.sync_get_job(ref)
+        return _result_of(ref, job)
 
     async def cancel_job(self, ref: RefLike) -> bool:
         """Cancel a pending or running job; a running job is interrupted by its worker
@@ -526,6 +700,94 @@ class Chancy:
             return await self._run(self.store.retry_job(Reference(ref)))
         except psycopg.errors.UniqueViolation:  # a duplicate was pushed concurrently
             return False
+
+
+def _wanted_states(states: Iterable[QueuedJob.State | str] | None) -> set[QueuedJob.State]:
+    try:
+        return {QueuedJob.State(s) for s in states} if states else set(FINISHED_STATES)
+    except ValueError as exc:
+        raise JobValidationError(f"unknown job state: {exc}") from None
+
+
+def _concerns(payload: str, names: set[str]) -> bool:
+    """Whether a completion notification may concern any of the jobs ``names``."""
+    try:
+        event = json.loads(payload)
+    except ValueError:
+        return True
+    ids = event.get("j") if isinstance(event, dict) else None
+    return not isinstance(ids, list) or not names.isdisjoint(ids)
+
+
+def _result_of(ref: RefLike, job: QueuedJob | None) -> Any:
+    if job is None:
+        raise JobNotFoundError(f"job {ref} does not exist (never pushed, or deleted)")
+    if job.state == QueuedJob.State.SUCCEEDED:
+        return job.result
+    if job.state in FINISHED_STATES:
+        raise JobFailedError(job)
+    raise JobNotFinishedError(f"job {ref} is {job.state.value}: it has no result yet")
+
+
+class _CompletionListener:
+    """One LISTEN connection per app, shared by every ``wait_for_jobs`` call: a
+    completion notification wakes the waiters whose jobs it names. If it cannot listen,
+    waiters simply poll."""
+
+    def __init__(self, chancy: Chancy) -> None:
+        self.chancy = chancy
+        self.waiters: dict[asyncio.Event, set[str]] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    def add(self, wake: asyncio.Event, names: set[str]) -> None:
+        self.waiters[wake] = names
+
+    def remove(self, wake: asyncio.Event) -> None:
+        self.waiters.pop(wake, None)
+
+    async def start(self, timeout: float) -> bool:
+        """Make sure the connection listens, waiting up to ``timeout`` seconds for it;
+        False if it does not (yet): waiters then poll."""
+        if self.task is None or self.task.done():
+            self.ready = asyncio.Event()
+            self.task = asyncio.create_task(self._listen(), name="chancy-completions")
+        if not self.ready.is_set():
+            ready = asyncio.ensure_future(self.ready.wait())
+            await asyncio.wait(
+                {ready, self.task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+            ready.cancel()
+        return self.ready.is_set()
+
+    async def _listen(self) -> None:
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.chancy.dsn, autocommit=True)
+        except psycopg.Error as exc:
+            self.chancy.log.warning("cannot LISTEN for completions (polling instead): %s", exc)
+            return
+        try:
+            channel = sql.Identifier(self.chancy.store.done_channel)
+            await conn.execute(sql.SQL("LISTEN {}").format(channel))
+            self.ready.set()
+            async for notify in conn.notifies():
+                for wake, names in list(self.waiters.items()):
+                    if _concerns(notify.payload, names):
+                        wake.set()
+        except psycopg.Error as exc:
+            self.chancy.log.warning("lost the completion LISTEN connection: %s", exc)
+        finally:
+            self.ready.clear()
+            for wake in list(self.waiters):
+                wake.set()  # recheck now, then poll
+            with contextlib.suppress(Exception):
+                await conn.close()
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
 
 
 def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:

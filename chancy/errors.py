@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from chancy.job import QueuedJob
+
 
 class ChancyError(Exception):
     """Root of all Chancy errors; catch this to catch any of them."""
@@ -20,7 +25,8 @@ class JobValidationError(ChancyError, ValueError):
 
 
 class JobArgumentsError(JobValidationError, TypeError):
-    """A job's kwargs or meta cannot be encoded as JSON."""
+    """A job's kwargs or meta cannot be encoded as JSON, or its kwargs do not fit the
+    signature of its (importable) function: an unknown name or a missing required one."""
 
 
 class QueueValidationError(ChancyError, ValueError):
@@ -71,8 +77,12 @@ class Snooze(ChancyError):
     """Raise from a job to run it again after ``delay`` seconds without using an attempt."""
 
     def __init__(self, delay: float) -> None:
-        if delay < 0:
-            raise JobValidationError("Snooze delay must be >= 0 seconds")
+        if (
+            isinstance(delay, bool)
+            or not isinstance(delay, int | float)
+            or not 0 <= delay < float("inf")
+        ):
+            raise JobValidationError(f"Snooze delay must be a finite number >= 0, not {delay!r}")
         self.delay = float(delay)
         super().__init__(f"snoozed for {self.delay} s")
 
@@ -97,3 +107,30 @@ class UnknownDependencyError(WorkflowValidationError, LookupError):
 
 class WorkflowCycleError(WorkflowValidationError):
     """A workflow's dependencies form a cycle, so some steps could never start."""
+
+
+class JobNotFoundError(ChancyError, LookupError):
+    """The job does not exist: it was never pushed, or it was deleted (pruned, purged)."""
+
+
+class JobNotFinishedError(ChancyError):
+    """The job has no result yet: it is pending, running or waiting to be retried."""
+
+
+class JobFailedError(ChancyError):
+    """The job failed or was cancelled, so it has no result; ``job`` holds its errors."""
+
+    def __init__(self, job: QueuedJob) -> None:
+        self.job = job
+        last = job.errors[-1]["traceback"].strip().splitlines()[-1] if job.errors else ""
+        super().__init__(f"job {job.id} {job.state.value}" + (f": {last}" if last else ""))
+
+
+class ResultTooLargeError(ChancyError):
+    """A job returned a result whose JSON is larger than ``Chancy(max_result_size=...)``;
+    the job is recorded as failed with this error (and not retried)."""
+
+
+class ClaimLostError(ChancyError):
+    """A job's claim no longer held when it tried to commit its completion (it was
+    cancelled, recovered or timed out meanwhile); its transaction was rolled back."""

@@ -32,6 +32,7 @@ from chancy.executors.base import (
     Kind,
     classify_exception,
     current_job,
+    exception_types,
     prepare_call,
 )
 from chancy.job import Job, JobFunction, QueuedJob, Reference, function_path
@@ -65,12 +66,19 @@ def _outcome(execution: Execution) -> Outcome:
     if execution.kind is Kind.SNOOZED:
         return Outcome(job, "pending", delay=execution.delay, refund=True, meta=meta)
     state = "retrying" if job.attempts < job.max_attempts else "failed"
-    return Outcome(job, state, error=execution.error, meta=meta)
+    return Outcome(job, state, error=execution.error, meta=meta, exception=execution.exception)
 
 
 def _failed(job: QueuedJob, exc: BaseException) -> Execution:
     kind, delay = classify_exception(exc)
-    return Execution(job, kind, error=traceback.format_exc(), delay=delay, meta=dict(job.meta))
+    return Execution(
+        job,
+        kind,
+        error=traceback.format_exc(),
+        delay=delay,
+        meta=dict(job.meta),
+        exception=exception_types(exc),
+    )
 
 
 async def _execute(job: QueuedJob) -> Execution:

@@ -21,12 +21,17 @@ from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
 from chancy import store as store_module
-from chancy.errors import ConfigurationError, MigrationsNeededError
+from chancy.errors import (
+    ClaimLostError,
+    ConfigurationError,
+    MigrationsNeededError,
+    ResultTooLargeError,
+)
 from chancy.executors.base import Execution, Executor, Kind
 from chancy.hub import Hub
 from chancy.job import QueuedJob, Reference
 from chancy.queue import Queue
-from chancy.store import Op, Outcome
+from chancy.store import Claim, Op, Outcome
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -43,7 +48,8 @@ class Worker:
     ``await worker.start()`` blocks until the worker stops (SIGTERM/SIGINT or
     :meth:`stop`); ``async with Worker(chancy) as worker:`` runs it in the background for
     the body of the block. A dead worker's jobs run again within about
-    ``heartbeat_timeout`` + the Recovery plugin's interval.
+    ``heartbeat_timeout`` + the Recovery plugin's interval. Progress that jobs report is
+    written at most once per ``progress_interval`` seconds.
     """
 
     def __init__(
@@ -61,6 +67,7 @@ class Worker:
         concurrency: int | None = None,
         completion_interval: float = 0.005,
         pool_size: int = 8,
+        progress_interval: float = 1.0,
     ) -> None:
         if heartbeat_timeout <= heartbeat_poll_interval:
             raise ConfigurationError("heartbeat_timeout must exceed heartbeat_poll_interval")
@@ -68,6 +75,7 @@ class Worker:
             ("heartbeat_poll_interval", heartbeat_poll_interval),
             ("queue_change_poll_interval", queue_change_poll_interval),
             ("shutdown_timeout", shutdown_timeout + 1),
+            ("progress_interval", progress_interval),
         ):
             if not value > 0:
                 raise ConfigurationError(f"{label} must be positive")
@@ -85,6 +93,7 @@ class Worker:
         self.concurrency_override = concurrency
         self.completion_interval = completion_interval
         self.pool_size = pool_size
+        self.progress_interval = progress_interval
         self._pool: AsyncConnectionPool | None = None
         self.log = chancy.log
         self.hub = Hub()
@@ -95,6 +104,8 @@ class Worker:
         self._retiring: set[Executor] = set()
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
+        # Set when a queue's settings change: ends a wait for a spent rate window.
+        self._reconfigured: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._outcomes: list[Outcome] = []
         self._outcomes_ready = asyncio.Event()
@@ -112,6 +123,14 @@ class Worker:
         self._unrecorded: collections.Counter[str] = collections.Counter()
         self._job_plugins: list[Plugin] = []
         self._completion_plugins: list[Plugin] = []
+        self._update_plugins: list[Plugin] = []
+        # Latest progress of running jobs (it goes with their outcome), and which of them
+        # the progress loop has still to write.
+        self._progress: dict[Reference, tuple[QueuedJob, dict[str, Any]]] = {}
+        self._progress_unwritten: set[Reference] = set()
+        self._progress_ready = asyncio.Event()
+        # Outcomes committed in a job's own transaction, until the executor reports.
+        self._committed: dict[Reference, Outcome] = {}
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -135,6 +154,7 @@ class Worker:
         try:
             self._spawn("heartbeat", self._heartbeat_loop, until_stopped=True)
             self._spawn("completions", self._completion_loop)
+            self._spawn("progress", self._progress_loop)
             self._spawn("queues", self._queue_loop)
             if self.chancy.notifications:
                 self._spawn("listen", self._listen_loop)
@@ -289,6 +309,7 @@ class Worker:
                 max_size=self.pool_size,
                 kwargs=self.chancy._connection_kwargs(),
                 reconnect_timeout=self.chancy.poll_reconnect_timeout,
+                configure=self.chancy._configure_async,
                 open=False,
                 name=f"chancy-worker-{self.worker_id}",
             )
@@ -433,6 +454,8 @@ class Worker:
                 self.queues[name] = queue
                 if queue.state != current.state:
                     self._wake[name].set()
+                if queue != current:
+                    self._reconfigured[name].set()
 
     def _start_queue(self, queue: Queue) -> None:
         try:
@@ -443,6 +466,7 @@ class Worker:
         self.queues[queue.name] = queue
         self.executors[queue.name] = executor
         self._wake[queue.name] = asyncio.Event()
+        self._reconfigured[queue.name] = asyncio.Event()
         self._runners[queue.name] = asyncio.create_task(
             self._supervise(f"queue {queue.name}", lambda: self._serve(queue.name)),
             name=f"chancy-queue-{queue.name}",
@@ -457,6 +481,7 @@ class Worker:
                 await runner
         self.queues.pop(name, None)
         self._wake.pop(name, None)
+        self._reconfigured.pop(name, None)
         executor = self.executors.pop(name, None)
         if executor is not None:
             # Running jobs finish in the background; the executor is then released.
@@ -481,9 +506,12 @@ class Worker:
 
     async def _serve(self, name: str) -> None:
         """The fetch loop of one queue: fetch as many jobs as there are free slots; when
-        the queue is drained, wait for a notification or the polling interval."""
+        the queue is drained, wait for a notification or the polling interval (with
+        ``eager_polling``, also for this worker to record finished jobs); when its rate
+        limit's window is spent, wait until the next window opens."""
         executor = self.executors[name]
         wake = self._wake[name]
+        reconfigured = self._reconfigured[name]
         while not self.stopping.is_set():
             queue = self.queues[name]
             if queue.state != Queue.State.ACTIVE:
@@ -501,15 +529,22 @@ class Worker:
                 await self._sleep(queue.polling_interval, executor.slot_freed)
                 continue
             wake.clear()
-            jobs = await self._record_and_fetch(name, free)
+            reconfigured.clear()
+            claim = await self._record_and_fetch(name, free)
+            jobs = claim.jobs
             for job in jobs:
                 self._claimed.add((job.id, job.attempts))
                 self._unrecorded[name] += 1
             await self._dispatch_all(executor, jobs)
-            if len(jobs) < free and not self.stopping.is_set():
+            if self.stopping.is_set():
+                break
+            if claim.rate_limited_for is not None:
+                # Fetching again before the window reopens would claim nothing.
+                await self._sleep(claim.rate_limited_for, reconfigured)
+            elif len(jobs) < free:
                 await self._sleep(queue.polling_interval, wake)
 
-    async def _record_and_fetch(self, name: str, limit: int) -> list[QueuedJob]:
+    async def _record_and_fetch(self, name: str, limit: int) -> Claim:
         """Write every pending outcome and claim up to ``limit`` jobs: one round trip."""
         batch = self._take_outcomes()
         store = self.chancy.store
@@ -519,13 +554,14 @@ class Worker:
                     conn,
                     [
                         store.complete_jobs(self.worker_id, batch),
-                        store.fetch_jobs(name, self.worker_id, limit),
+                        store.claim_jobs(name, self.worker_id, limit),
                     ],
                 )
         except BaseException:
             self._return_outcomes(batch)
             raise
-        self._recorded(batch)
+        # The fetch ran after the batch was written: no need to wake this queue for it.
+        self._recorded(batch, fetched=name)
         return jobs  # type: ignore[no-any-return]
 
     async def _dispatch_all(self, executor: Executor, jobs: list[QueuedJob]) -> None:
@@ -571,11 +607,20 @@ class Worker:
         self._completion_plugins = [
             p for p in plugins if type(p).on_job_completed is not Plugin.on_job_completed
         ]
+        self._update_plugins = [
+            p for p in plugins if type(p).on_job_updated is not Plugin.on_job_updated
+        ]
 
     def on_execution(self, executor: Executor, execution: Execution) -> None:
         """Called by executors when a job ends; queues its outcome for the next batch."""
         if self._force:
             return  # forced exit: the claims stay for Recovery
+        committed = self._committed.pop(execution.job.id, None)
+        if execution.recorded and committed is not None:
+            # Committed with the job's own transaction: nothing left to write.
+            self.hub.emit("job.completed", committed)
+            self._recorded([committed])
+            return
         outcome = self._outcome_for(execution)
         if self._completion_plugins:
             task = asyncio.ensure_future(self._apply_plugins(outcome))
@@ -585,14 +630,67 @@ class Worker:
             self._queue_outcome(outcome)
 
     async def _apply_plugins(self, outcome: Outcome) -> None:
+        self._queue_outcome(await self._run_completion_plugins(outcome))
+
+    async def _run_completion_plugins(self, outcome: Outcome) -> Outcome:
         for plugin in self._completion_plugins:
             try:
                 outcome = await plugin.on_job_completed(self, outcome)
             except Exception:
                 self.log.exception("plugin %s failed on job completion", plugin.get_identifier())
-        self._queue_outcome(outcome)
+        return outcome
+
+    def _encode_result(self, outcome: Outcome) -> Outcome:
+        """Encode a success's result once; one larger than ``max_result_size`` turns the
+        outcome into a failure (not retried: the same result would come back)."""
+        if outcome.state != "succeeded" or outcome.result is None:
+            return outcome
+        encoded = self.chancy.store.dumps_lenient(outcome.result)
+        size = len(encoded.encode())
+        limit = self.chancy.max_result_size
+        if limit is not None and size > limit:
+            outcome.state = "failed"
+            outcome.result = None
+            outcome.error = (
+                f"chancy.errors.ResultTooLargeError: {outcome.job.func} returned {size} bytes "
+                f"of JSON; the limit is {limit} (Chancy(max_result_size=...))"
+            )
+            outcome.exception = ["chancy.errors.ResultTooLargeError"]
+            return outcome
+        outcome.encoded_result = encoded
+        return outcome
+
+    async def prepare_committed_outcome(
+        self, job: QueuedJob, result: Any, meta: dict[str, Any]
+    ) -> Outcome:
+        """The success outcome of a job that commits it in its own transaction (after
+        the completion plugins); raises if the result cannot be stored, so that the
+        transaction rolls back and the job fails through the usual path."""
+        execution = Execution(job, Kind.SUCCEEDED, result=result, meta=meta)
+        outcome = self._encode_result(
+            await self._run_completion_plugins(self._outcome_for(execution))
+        )
+        if outcome.state == "failed":
+            raise ResultTooLargeError(outcome.error or "result too large")
+        self._committed[job.id] = outcome
+        return outcome
+
+    async def complete_in_transaction(
+        self, conn: psycopg.AsyncConnection[Any], job: QueuedJob, result: Any
+    ) -> None:
+        """Write a job's success on ``conn``, inside the job's open transaction; raises
+        :class:`~chancy.errors.ClaimLostError` (rolling the job's work back with it)
+        unless the claim still holds."""
+        outcome = await self.prepare_committed_outcome(job, result, dict(job.meta))
+        held = await store_module.arun(
+            conn, self.chancy.store.complete_jobs(self.worker_id, [outcome])
+        )
+        if job.id not in held:
+            self._committed.pop(job.id, None)
+            raise ClaimLostError(f"{job.func}: the claim on job {job.id} was lost")
 
     def _queue_outcome(self, outcome: Outcome) -> None:
+        self._encode_result(outcome)
         self._outcomes.append(outcome)
         self._outcomes_ready.set()
         self.hub.emit("job.completed", outcome)
@@ -606,17 +704,25 @@ class Worker:
         elif original is not None and meta is None:
             meta = {}
         kind = execution.kind
+        progress = self._progress.pop(job.id, (job, None))[1]
+        self._progress_unwritten.discard(job.id)
         if kind is Kind.SUCCEEDED:
-            return Outcome(job, "succeeded", meta=meta, result=execution.result)
-        if kind is Kind.SNOOZED:
-            return Outcome(job, "pending", delay=execution.delay, refund=True, meta=meta)
-        if kind is Kind.INTERRUPTED:
+            outcome = Outcome(job, "succeeded", meta=meta, result=execution.result)
+        elif kind is Kind.SNOOZED:
+            outcome = Outcome(job, "pending", delay=execution.delay, refund=True, meta=meta)
+        elif kind is Kind.INTERRUPTED:
             # Handed back by shutdown: the attempt was not the job's fault.
-            return Outcome(job, "pending", refund=True, meta=meta)
-        if kind is Kind.CANCELLED:
-            return Outcome(job, "cancelled", error=execution.error, meta=meta)
-        state = "retrying" if job.attempts < job.max_attempts else "failed"
-        return Outcome(job, state, error=execution.error, meta=meta)
+            outcome = Outcome(job, "pending", refund=True, meta=meta)
+        elif kind is Kind.CANCELLED:
+            outcome = Outcome(job, "cancelled", error=execution.error, meta=meta)
+        else:
+            # An oversize result (raised in a job's own transaction) would come back.
+            hopeless = "chancy.errors.ResultTooLargeError" in (execution.exception or ())
+            state = "retrying" if job.attempts < job.max_attempts and not hopeless else "failed"
+            outcome = Outcome(job, state, error=execution.error, meta=meta)
+        outcome.exception = execution.exception
+        outcome.progress = progress
+        return outcome
 
     async def _completion_loop(self) -> None:
         while True:
@@ -648,17 +754,23 @@ class Worker:
             raise
         self._recorded(batch)
 
-    def _recorded(self, batch: list[Outcome]) -> None:
+    def _recorded(self, batch: list[Outcome], fetched: str | None = None) -> None:
         if not batch:
             return
         recorded = collections.Counter(outcome.job.queue for outcome in batch)
         for outcome in batch:
             self._claimed.discard((outcome.job.id, outcome.job.attempts))
+            # A thread that committed after its job was already reported (timed out), or
+            # a progress report that arrived after the outcome was taken.
+            self._committed.pop(outcome.job.id, None)
+            self._progress.pop(outcome.job.id, None)
         for queue_name, count in recorded.items():
             self._unrecorded[queue_name] = max(self._unrecorded[queue_name] - count, 0)
             executor = self.executors.get(queue_name)
             if executor is not None:
                 executor.slot_freed.set()
+            if queue_name != fetched:
+                self._wake_after_recorded(queue_name, batch)
         self.hub.emit("job.recorded", batch)
         # A job handed back to run again soon is fetched when due, not a poll later.
         for outcome in batch:
@@ -671,6 +783,63 @@ class Worker:
                     and outcome.delay < queue.polling_interval
                 ):
                     self.loop.call_later(outcome.delay, wake.set)
+
+    def _wake_after_recorded(self, queue_name: str, batch: list[Outcome]) -> None:
+        """Fetch again now if the queue polls eagerly, or if a finished job freed a place
+        under its concurrency key (jobs of that key may be waiting)."""
+        queue = self.queues.get(queue_name)
+        wake = self._wake.get(queue_name)
+        if queue is None or wake is None:
+            return
+        if queue.eager_polling or any(
+            outcome.job.queue == queue_name and outcome.job.concurrency_key is not None
+            for outcome in batch
+        ):
+            wake.set()
+
+    # -- progress ---------------------------------------------------------------------
+
+    def set_progress(self, job: QueuedJob, percent: float, message: str | None) -> None:
+        """Remember a running job's latest progress (called on the loop thread by the
+        executors' sinks); the progress loop writes it within ``progress_interval``."""
+        if (job.id, job.attempts) not in self._claimed:
+            return  # already recorded: a late report
+        self._progress[job.id] = (job, {"percent": percent, "message": message})
+        self._progress_unwritten.add(job.id)
+        self._progress_ready.set()
+
+    async def _progress_loop(self) -> None:
+        """Write the latest progress of every job that reported since the last write, in
+        one claim-guarded statement, at most once per ``progress_interval``."""
+        while True:
+            await self._progress_ready.wait()
+            self._progress_ready.clear()
+            due, self._progress_unwritten = self._progress_unwritten, set()
+            updates = [self._progress[ref] for ref in due if ref in self._progress]
+            try:
+                written = await self.run_op(
+                    self.chancy.store.update_progress(self.worker_id, updates)
+                )
+            except BaseException:
+                self._progress_unwritten.update(job.id for job, _ in updates)
+                self._progress_ready.set()
+                raise
+            for job, progress in updates:
+                if job.id in written:
+                    self.hub.emit("job.updated", (job, {"progress": progress}))
+                    for plugin in self._update_plugins:
+                        self._background(
+                            self._call_update_plugin(plugin, job, {"progress": progress})
+                        )
+            await self._sleep(self.progress_interval)
+
+    async def _call_update_plugin(
+        self, plugin: Plugin, job: QueuedJob, changes: dict[str, Any]
+    ) -> None:
+        try:
+            await plugin.on_job_updated(self, job, changes)
+        except Exception:
+            self.log.exception("plugin %s failed on job update", plugin.get_identifier())
 
     # -- shutdown ---------------------------------------------------------------------
 

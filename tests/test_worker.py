@@ -138,12 +138,12 @@ async def test_cancel_pending_and_running(chancy: Chancy, executor: str) -> None
     assert not await chancy.cancel_job(pending)
     async with serving(chancy, shutdown_timeout=1):
         func = "tests.jobs.async_sleep" if executor == Chancy.Executor.Async else "tests.jobs.sleep"
-        long = await chancy.push(Job(func=func, queue="q", kwargs={"seconds": 3}, max_attempts=3))
+        long = await chancy.push(Job(func=func, queue="q", kwargs={"seconds": 60}, max_attempts=3))
         await chancy.wait_for_job(long, states=["running"], timeout=10)
         assert await chancy.cancel_job(long)
         # The slot is freed: the next job runs although the cancelled one would still sleep.
         nxt = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
-        done = await chancy.wait_for_job(nxt, timeout=2.5)
+        done = await chancy.wait_for_job(nxt, timeout=30)
         assert done is not None and done.state == "succeeded"
     final = await chancy.get_job(long)
     assert final is not None and final.state == "cancelled" and final.attempts == 1

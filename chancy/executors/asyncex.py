@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import functools
 import inspect
 import traceback
 from collections.abc import Callable
@@ -15,12 +14,17 @@ from chancy.executors.base import (
     Executor,
     Kind,
     classify_exception,
+    connection_parameter,
+    exception_types,
+    import_function,
     interrupt_message,
+    is_async,
     prepare_call,
     time_limit,
 )
 from chancy.executors.thread import ElasticThreadPool
 from chancy.job import QueuedJob, Reference
+from chancy.progress import install_sink, reset_sink
 
 
 class AsyncExecutor(Executor):
@@ -44,33 +48,58 @@ class AsyncExecutor(Executor):
 
     async def _run(self, job: QueuedJob) -> None:
         limit: asyncio.Timeout | None = None
+        token = install_sink(self.progress_sink(job))
         try:
-            func, kwargs = prepare_call(job)
-            if is_async(func):
-                call = func(**kwargs)
-            else:
-                call = self._call_in_thread(func, kwargs)
-            seconds = time_limit(job)
-            if seconds is None:
-                result = await call
-            else:
-                async with asyncio.timeout(seconds) as limit:
-                    result = await call
-            if inspect.isawaitable(result):
-                result = await result
+            async with asyncio.timeout(time_limit(job)) as limit:
+                result, recorded = await self._call(job)
         except asyncio.CancelledError:
             kind = self._why.pop(job.id, Kind.INTERRUPTED)
             self.report(job, kind, error=interrupt_message(kind, job), meta=dict(job.meta))
         except Exception as exc:
             if limit is not None and limit.expired():
-                kind, delay = Kind.TIMEOUT, 0.0
+                kind, delay, raised = Kind.TIMEOUT, 0.0, None
             else:
-                kind, delay = classify_exception(exc)
-            self.report(job, kind, error=traceback.format_exc(), delay=delay, meta=dict(job.meta))
+                (kind, delay), raised = classify_exception(exc), exception_types(exc)
+            self.report(
+                job,
+                kind,
+                error=traceback.format_exc(),
+                delay=delay,
+                meta=dict(job.meta),
+                exception=raised,
+            )
         else:
-            self.report(job, Kind.SUCCEEDED, result=result, meta=dict(job.meta))
+            self.report(job, Kind.SUCCEEDED, result=result, meta=dict(job.meta), recorded=recorded)
         finally:
+            reset_sink(token)
             self._tasks.pop(job.id, None)
+
+    async def _call(self, job: QueuedJob) -> tuple[Any, bool]:
+        """Run the job; returns its result and whether its outcome is already committed."""
+        func = import_function(job.func)
+        wanted = connection_parameter(func)
+        if wanted is not None and wanted[1] == "async_connection" and is_async(func):
+            return await self._call_in_transaction(job, wanted[0]), True
+        func, kwargs = prepare_call(job)
+        if is_async(func):
+            result = await func(**kwargs)
+        else:
+            result = await self._call_in_thread(func, kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result, False
+
+    async def _call_in_transaction(self, job: QueuedJob, parameter: str) -> Any:
+        """Give the job a connection inside a transaction and commit its completion in
+        that same transaction (claim-guarded): its database work happens exactly once,
+        and rolls back if it raises or its claim was lost."""
+        async with self.worker.chancy.pool.connection() as conn, conn.transaction():
+            func, kwargs = prepare_call(job, (parameter, conn))
+            result = await func(**kwargs)
+            if inspect.isawaitable(result):
+                result = await result
+            await self.worker.complete_in_transaction(conn, job, result)
+        return result
 
     async def _call_in_thread(self, func: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
         loop = asyncio.get_running_loop()
@@ -108,11 +137,3 @@ class AsyncExecutor(Executor):
         self._why[ref] = kind
         task.cancel()
         return None
-
-
-@functools.lru_cache(maxsize=1024)
-def is_async(func: Callable[..., Any]) -> bool:
-    """True for coroutine functions, including ones wrapped by ``@job``."""
-    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
-        getattr(func, "func", None)
-    )

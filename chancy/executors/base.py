@@ -5,19 +5,28 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import contextlib
 import contextvars
 import dataclasses
 import enum
 import functools
 import importlib
 import inspect
+import threading
 import traceback
 import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from chancy.errors import JobImportError, Snooze
+from chancy.errors import (
+    JobImportError,
+    JobTimeoutError,
+    Snooze,
+    UnsupportedExecutorError,
+    WorkerDiedError,
+)
 from chancy.job import QueuedJob, Reference
+from chancy.progress import ProgressSink
 
 if TYPE_CHECKING:
     from chancy.queue import Queue
@@ -53,6 +62,10 @@ class Execution:
     error: str | None = None
     meta: dict[str, Any] | None = None
     delay: float = 0.0
+    #: Import paths of the raised exception's class and its bases (for retry_on).
+    exception: list[str] | None = None
+    #: The outcome was already committed (in the job's own transaction).
+    recorded: bool = False
 
 
 class Executor(abc.ABC):
@@ -124,6 +137,8 @@ class Executor(abc.ABC):
         if this is a late report of an earlier attempt whose retry now runs here."""
         if self.running.get(job.id) is not job:
             return False
+        if fields.get("exception") is None:
+            fields["exception"] = kind_exception(kind)
         del self.running[job.id]
         timer = self._deadlines.pop(job.id, None)
         if timer is not None:
@@ -137,6 +152,34 @@ class Executor(abc.ABC):
     async def stop(self) -> None:
         """Release resources once no job runs (or all were interrupted)."""
         return None
+
+    def progress_sink(self, job: QueuedJob) -> ProgressSink:
+        """A sink for :func:`chancy.report_progress` calls made while ``job`` runs, from
+        the event loop or from any thread. Reports from threads are coalesced: at most
+        one hop to the loop is pending per job, carrying the latest report."""
+        worker = self.worker
+        loop = asyncio.get_running_loop()
+        loop_thread = threading.get_ident()
+        lock = threading.Lock()
+        latest: list[tuple[float, str | None]] = []
+
+        def deliver() -> None:
+            with lock:
+                report = latest.pop()
+            worker.set_progress(job, *report)
+
+        def sink(percent: float, message: str | None) -> None:
+            if threading.get_ident() == loop_thread:
+                worker.set_progress(job, percent, message)
+                return
+            with lock:
+                scheduled = bool(latest)
+                latest[:] = [(percent, message)]
+            if not scheduled:
+                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                    loop.call_soon_threadsafe(deliver)
+
+        return sink
 
 
 def interrupt_message(kind: Kind, job: QueuedJob) -> str:
@@ -190,33 +233,102 @@ def import_function(path: str) -> Callable[..., Any]:
     raise JobImportError(f"cannot import job function {path}: {last_error}")
 
 
-@functools.lru_cache(maxsize=1024)
-def job_parameter(func: Callable[..., Any]) -> str | None:
-    """Name of the keyword-only parameter annotated ``QueuedJob``, if ``func`` has one."""
-    try:
-        signature = inspect.signature(func)
-    except (TypeError, ValueError):
+#: What a keyword-only parameter may ask for, by the annotation's (last) name.
+_INJECTABLE = {
+    "QueuedJob": "job",
+    "AsyncConnection": "async_connection",
+    "Connection": "connection",
+}
+
+
+def _annotation_name(annotation: Any) -> str | None:
+    if isinstance(annotation, str):
+        # An annotation that could not be evaluated: trust only unambiguous spellings.
+        text = annotation.split("[", 1)[0].strip()
+        if text.endswith("QueuedJob"):
+            return "QueuedJob"
+        if text in ("psycopg.AsyncConnection", "psycopg.Connection"):
+            return text.rpartition(".")[2]
         return None
+    origin = typing.get_origin(annotation) or annotation
+    name: str | None = getattr(origin, "__name__", None)
+    module: str = getattr(origin, "__module__", "") or ""
+    if name == "QueuedJob" and origin is QueuedJob:
+        return name
+    if name in ("AsyncConnection", "Connection") and module.startswith("psycopg"):
+        return name
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def injected_parameters(func: Callable[..., Any]) -> dict[str, str]:
+    """Keyword-only parameters the executor fills in, by name: ``"job"`` (annotated
+    ``QueuedJob``), ``"async_connection"`` (``psycopg.AsyncConnection``) or
+    ``"connection"`` (``psycopg.Connection``)."""
+    try:
+        signature = inspect.signature(func, eval_str=True)
+    except Exception:  # an annotation that does not evaluate: read the strings
+        try:
+            signature = inspect.signature(func)
+        except (TypeError, ValueError):
+            return {}
+    found: dict[str, str] = {}
     for name, param in signature.parameters.items():
         if param.kind is not inspect.Parameter.KEYWORD_ONLY:
             continue
-        annotation = param.annotation
-        if annotation is QueuedJob or annotation in ("QueuedJob", "chancy.QueuedJob"):
-            return name
-        if isinstance(annotation, str) and annotation.endswith("QueuedJob"):
+        kind = _INJECTABLE.get(_annotation_name(param.annotation) or "")
+        if kind is not None:
+            found[name] = kind
+    return found
+
+
+def job_parameter(func: Callable[..., Any]) -> str | None:
+    """Name of the keyword-only parameter annotated ``QueuedJob``, if ``func`` has one."""
+    for name, kind in injected_parameters(func).items():
+        if kind == "job":
             return name
     return None
 
 
-def prepare_call(job: QueuedJob) -> tuple[Callable[..., Any], dict[str, Any]]:
-    """The function to call and its keyword arguments (including the running job)."""
+def connection_parameter(func: Callable[..., Any]) -> tuple[str, str] | None:
+    """(name, kind) of the parameter asking for a database connection, if any."""
+    for name, kind in injected_parameters(func).items():
+        if kind != "job":
+            return name, kind
+    return None
+
+
+def prepare_call(
+    job: QueuedJob, connection: tuple[str, Any] | None = None
+) -> tuple[Callable[..., Any], dict[str, Any]]:
+    """The function to call and its keyword arguments (the running job, and the
+    connection for a job completed in its own transaction)."""
     current_job.set(job)
     func = import_function(job.func)
     kwargs = dict(job.kwargs)
-    name = job_parameter(func)
-    if name is not None:
-        kwargs[name] = job
+    for name, kind in injected_parameters(func).items():
+        if kind == "job":
+            kwargs[name] = job
+        elif connection is not None and connection[0] == name:
+            kwargs[name] = connection[1]
+        else:
+            wanted = "psycopg." + (
+                "AsyncConnection" if kind == "async_connection" else "Connection"
+            )
+            raise UnsupportedExecutorError(
+                f"{job.func} asks for a {wanted} (parameter {name!r}): run it on a queue "
+                "with the Async executor (async functions, psycopg.AsyncConnection) or the "
+                "Threaded executor (plain functions, psycopg.Connection)"
+            )
     return func, kwargs
+
+
+@functools.lru_cache(maxsize=1024)
+def is_async(func: Callable[..., Any]) -> bool:
+    """True for coroutine functions, including ones wrapped by ``@job``."""
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(
+        getattr(func, "func", None)
+    )
 
 
 def classify_exception(exc: BaseException) -> tuple[Kind, float]:
@@ -224,3 +336,23 @@ def classify_exception(exc: BaseException) -> tuple[Kind, float]:
     if isinstance(exc, Snooze):
         return Kind.SNOOZED, exc.delay
     return Kind.ERROR, 0.0
+
+
+def exception_types(exc: BaseException | type[BaseException]) -> list[str]:
+    """Import paths of an exception's class and its bases, most specific first; they
+    travel as plain strings (also over a process pipe) for ``retry_on`` matching."""
+    carried = getattr(exc, "chancy_exception_types", None)
+    if isinstance(carried, list):
+        return carried
+    cls = exc if isinstance(exc, type) else type(exc)
+    return [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__ if c is not object]
+
+
+def kind_exception(kind: Kind) -> list[str] | None:
+    """The exception types that stand for an execution that ended without raising in
+    the job's own code (a time limit, a dead process)."""
+    if kind is Kind.TIMEOUT:
+        return exception_types(JobTimeoutError)
+    if kind is Kind.DIED:
+        return exception_types(WorkerDiedError)
+    return None

@@ -30,6 +30,7 @@ from chancy.executors.base import (
     Executor,
     Kind,
     classify_exception,
+    exception_types,
     import_function,
     interrupt_message,
     memory_limit,
@@ -37,8 +38,11 @@ from chancy.executors.base import (
     time_limit,
 )
 from chancy.job import QueuedJob, Reference
+from chancy.progress import install_sink, reset_sink
 
 CANCEL_SIGNAL = signal.SIGUSR1
+#: The signals a child raises job-ending exceptions from.
+_JOB_SIGNALS = {signal.SIGALRM, CANCEL_SIGNAL}
 
 
 class _Child:
@@ -160,6 +164,11 @@ class ProcessExecutor(Executor):
         job = child.job
         if job is None or reply.get("id") != job.id.identifier:
             return
+        progress = reply.get("progress")
+        if progress is not None:
+            self.worker.set_progress(job, progress["percent"], progress.get("message"))
+        if "kind" not in reply:  # a progress report: the job runs on
+            return
         if child.kill_timer is not None:
             child.kill_timer.cancel()
             child.kill_timer = None
@@ -175,6 +184,7 @@ class ProcessExecutor(Executor):
             error=reply.get("error"),
             meta=reply.get("meta"),
             delay=float(reply.get("delay") or 0),
+            exception=reply.get("exception"),
         )
         child.jobs_done += 1
         recycle = self._max_jobs and child.jobs_done >= self._max_jobs
@@ -268,7 +278,7 @@ def child_main(
             message = json.loads(conn.recv_bytes())
         except (EOFError, OSError, KeyboardInterrupt):
             return
-        reply = _child_run(message, resource)
+        reply = _child_run(message, resource, conn)
         try:
             conn.send_bytes(_encode_reply(reply))
         except OSError:
@@ -295,7 +305,39 @@ def _exit_with_worker(worker_pid: int) -> None:
             pass
 
 
-def _child_run(message: dict[str, Any], resource: Any) -> dict[str, Any]:
+class _PipeProgress:
+    """Sends a job's progress to the worker at most every ``interval`` seconds; the last
+    report not yet sent goes with the job's final reply."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection, job_id: str) -> None:
+        self.conn = conn
+        self.job_id = job_id
+        self.unsent: dict[str, Any] | None = None
+        self.last_sent = 0.0
+        self.interval = 0.1
+
+    def __call__(self, percent: float, message: str | None) -> None:
+        self.unsent = {"percent": percent, "message": message}
+        now = time.monotonic()
+        if now - self.last_sent >= self.interval:
+            self.last_sent = now
+            report, self.unsent = self.unsent, None
+            payload = json.dumps({"id": self.job_id, "progress": report}).encode()
+            # A time limit or cancellation raising in the middle of a write would leave
+            # half a message on the pipe: hold those signals until it is written.
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _JOB_SIGNALS)
+            try:
+                with contextlib.suppress(OSError):
+                    self.conn.send_bytes(payload)
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+def _child_run(
+    message: dict[str, Any],
+    resource: Any,
+    conn: multiprocessing.connection.Connection | None = None,
+) -> dict[str, Any]:
     job = QueuedJob(
         id=Reference(message["id"]),
         func=message["func"],
@@ -312,6 +354,8 @@ def _child_run(message: dict[str, Any], resource: Any) -> dict[str, Any]:
     old_limit = None
     reply: dict[str, Any] = {"id": message["id"]}
     signal.signal(CANCEL_SIGNAL, _raise_cancelled)
+    progress = _PipeProgress(conn, message["id"]) if conn is not None else None
+    token = install_sink(progress)
     try:
         if memory and resource is not None:
             old_limit = resource.getrlimit(resource.RLIMIT_AS)
@@ -329,13 +373,21 @@ def _child_run(message: dict[str, Any], resource: Any) -> dict[str, Any]:
         reply.update(kind=Kind.CANCELLED.value, error=traceback.format_exc())
     except BaseException as exc:
         kind, delay = classify_exception(exc)
-        reply.update(kind=kind.value, error=traceback.format_exc(), delay=delay)
+        reply.update(
+            kind=kind.value,
+            error=traceback.format_exc(),
+            delay=delay,
+            exception=exception_types(exc),
+        )
     finally:
+        reset_sink(token)
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
         if old_limit is not None:
             resource.setrlimit(resource.RLIMIT_AS, old_limit)
     reply["meta"] = dict(job.meta)
+    if progress is not None and progress.unsent is not None:
+        reply["progress"] = progress.unsent
     return reply
 
 

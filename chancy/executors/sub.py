@@ -15,7 +15,7 @@ import threading
 from types import ModuleType
 from typing import Any
 
-from chancy.errors import UnsupportedExecutorError
+from chancy.errors import Snooze, UnsupportedExecutorError
 from chancy.executors.thread import ThreadedExecutor
 from chancy.job import QueuedJob
 
@@ -57,8 +57,11 @@ def _run():
     try:
         result = _resolve(_func)(**json.loads(_kwargs))
         out = ("ok", json.dumps(result, default=repr))
-    except BaseException:
-        out = ("error", traceback.format_exc())
+    except BaseException as exc:
+        types = [f"{c.__module__}.{c.__qualname__}" for c in type(exc).__mro__ if c is not object]
+        snooze = getattr(exc, "delay", None) if "chancy.errors.Snooze" in types else None
+        detail = {"traceback": traceback.format_exc(), "types": types, "snooze": snooze}
+        out = ("error", json.dumps(detail))
     _interpqueues.put(_queue_id, out, 0, 3)
 """
 
@@ -112,8 +115,17 @@ class SubInterpreterExecutor(ThreadedExecutor):
             raise RuntimeError(failure.errdisplay)
         (status, payload), _, _ = _interpqueues.get(queue_id)
         if status != "ok":
-            raise SubInterpreterJobError(payload)
+            detail = json.loads(payload)
+            if detail.get("snooze") is not None:
+                raise Snooze(float(detail["snooze"]))
+            error = SubInterpreterJobError(detail["traceback"])
+            error.chancy_exception_types = list(detail["types"])
+            raise error
         return json.loads(payload)
+
+    def _call(self, loop: Any, job: QueuedJob) -> tuple[Any, bool]:
+        # No connection or progress sink crosses into a sub-interpreter.
+        return self.call(job), False
 
     async def stop(self) -> None:
         await super().stop()
@@ -133,3 +145,6 @@ class SubInterpreterExecutor(ThreadedExecutor):
 
 class SubInterpreterJobError(Exception):
     """A job failed inside a sub-interpreter; the message is its traceback there."""
+
+    #: Import paths of the exception raised there (for ``retry_on`` matching).
+    chancy_exception_types: list[str] | None = None

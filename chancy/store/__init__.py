@@ -16,7 +16,7 @@ import re
 import string
 import typing
 import uuid
-from collections.abc import Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -77,10 +77,63 @@ def compose(text: str, prefix: str, **slots: sql.Composable) -> sql.Composed:
 _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
-def dumps(value: Any, what: str) -> str:
+#: Encodes a value as JSON text (str or UTF-8 bytes); raises TypeError/ValueError when
+#: it cannot.
+JsonDumps = Callable[[Any], "str | bytes"]
+#: Decodes JSON text.
+JsonLoads = Callable[["str | bytes"], Any]
+
+
+def _stdlib_dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _orjson_dumps(value: Any) -> str:
+    import orjson
+
+    # Datetimes and dataclasses are refused as the standard library refuses them, so a
+    # job never receives a string where its caller passed an object; non-str keys become
+    # strings as the standard library makes them.
+    options = (
+        orjson.OPT_PASSTHROUGH_DATETIME | orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_NON_STR_KEYS
+    )
+    encoded: str = orjson.dumps(value, option=options).decode()
+    # orjson writes NaN and infinities as null; stdlib json refuses them, which is what
+    # lets a bad value fail at push. Only output that contains a null can hide one.
+    if "null" in encoded:
+        json.dumps(value, allow_nan=False, default=lambda _: None)
+    return encoded
+
+
+def _orjson_loads(text: str | bytes) -> Any:
+    import orjson
+
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        # jsonb holds numbers orjson refuses (beyond 64-bit integers); a row written by
+        # another client must never make a fetch fail.
+        return json.loads(text)
+
+
+def default_json() -> tuple[JsonDumps, JsonLoads]:
+    """orjson's dumps/loads when it is installed (``pip install chancy[orjson]``), else
+    the standard library's."""
+    try:
+        import orjson  # noqa: F401
+    except ImportError:
+        return _stdlib_dumps, json.loads
+    return _orjson_dumps, _orjson_loads
+
+
+def _as_text(encoded: str | bytes) -> str:
+    return encoded.decode() if isinstance(encoded, bytes | bytearray) else encoded
+
+
+def dumps(value: Any, what: str, encoder: JsonDumps = _stdlib_dumps) -> str:
     """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
     try:
-        encoded = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        encoded = _as_text(encoder(value))
     except (TypeError, ValueError) as exc:
         raise JobArgumentsError(f"{what} must be JSON-serialisable: {exc}") from None
     if "\\u0000" in encoded and _JSON_NUL.search(encoded):
@@ -103,6 +156,15 @@ class PushResult:
     inserted: bool
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """What one fetch claimed; ``rate_limited_for`` is set when the queue's rate window is
+    spent: the seconds until the next window opens (fetching sooner claims nothing)."""
+
+    jobs: list[QueuedJob]
+    rate_limited_for: float | None = None
+
+
 @dataclasses.dataclass(slots=True)
 class Outcome:
     """How one claimed job ended, as recorded by :meth:`Store.complete_jobs`."""
@@ -114,15 +176,44 @@ class Outcome:
     error: str | None = None
     meta: Mapping[str, Any] | None = None
     result: Any = None
+    #: Import paths of the exception that ended the run, most specific first.
+    exception: list[str] | None = None
+    #: The latest progress the job reported, written with the outcome.
+    progress: Mapping[str, Any] | None = None
+    #: ``result`` as JSON, when the worker has encoded it already.
+    encoded_result: str | None = None
 
 
 class Store:
     """Composes every named query once for a table prefix and offers typed operations."""
 
-    def __init__(self, prefix: str = "chancy_") -> None:
+    def __init__(
+        self,
+        prefix: str = "chancy_",
+        *,
+        json_dumps: JsonDumps | None = None,
+        notify_completions: bool = True,
+    ) -> None:
         self.prefix = validate_prefix(prefix)
         self.channel = prefix + "events"
+        #: Completions are announced here (one NOTIFY per batch) for result waiters.
+        self.done_channel = prefix + "done"
+        self.notify_completions = notify_completions
+        self.json_dumps: JsonDumps = json_dumps or default_json()[0]
         self._composed: dict[str, sql.Composed] = {}
+
+    def dumps(self, value: Any, what: str) -> str:
+        """Encode job input as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
+        return dumps(value, what, self.json_dumps)
+
+    def dumps_lenient(self, value: Any) -> str:
+        """JSON for a job's output (result, meta, error): what the encoder cannot hold
+        is kept as its repr, and NUL characters are replaced."""
+        try:
+            encoded = _as_text(self.json_dumps(value))
+        except (TypeError, ValueError):
+            return _dumps_lenient(value)
+        return _without_nul(encoded)
 
     def q(self, name: str) -> sql.Composed:
         """The composed query ``name`` (cached)."""
@@ -197,6 +288,7 @@ class Store:
                 "max_attempts",
                 "unique_key",
                 "scheduled_at",
+                "concurrency_key",
             )
         }
         # Jobs sharing a unique key within one batch collapse onto the first of them.
@@ -221,13 +313,14 @@ class Store:
             columns["id"].append(job_id)
             columns["queue"].append(job.queue)
             columns["func"].append(job.func)
-            columns["kwargs"].append(dumps(job.kwargs, f"kwargs of {job.func}"))
-            columns["meta"].append(dumps(job.meta, f"meta of {job.func}"))
+            columns["kwargs"].append(self.dumps(job.kwargs, f"kwargs of {job.func}"))
+            columns["meta"].append(self.dumps(job.meta, f"meta of {job.func}"))
             columns["limits"].append(json.dumps([limit.to_dict() for limit in job.limits]))
             columns["priority"].append(job.priority)
             columns["max_attempts"].append(job.max_attempts)
             columns["unique_key"].append(job.unique_key)
             columns["scheduled_at"].append(job.scheduled_at)
+            columns["concurrency_key"].append(job.concurrency_key)
         if not jobs:
             return []
         params = {
@@ -266,13 +359,14 @@ class Store:
             "id": uuid7(),
             "queue": job.queue,
             "func": job.func,
-            "kwargs": dumps(job.kwargs, f"kwargs of {job.func}"),
-            "meta": dumps(job.meta, f"meta of {job.func}") if job.meta else "{}",
+            "kwargs": self.dumps(job.kwargs, f"kwargs of {job.func}"),
+            "meta": self.dumps(job.meta, f"meta of {job.func}") if job.meta else "{}",
             "limits": json.dumps([limit.to_dict() for limit in job.limits]) if job.limits else "[]",
             "priority": job.priority,
             "max_attempts": job.max_attempts,
             "unique_key": job.unique_key,
             "scheduled_at": job.scheduled_at,
+            "concurrency_key": job.concurrency_key,
             "require_queues": require_queues,
             "notify": notify,
             "channel": self.channel,
@@ -284,37 +378,78 @@ class Store:
 
     def fetch_jobs(self, queue: str, worker_id: str, limit: int) -> Op[list[QueuedJob]]:
         """Claim up to ``limit`` due jobs of ``queue``: highest priority first, then the
-        longest due (``scheduled_at``), then the oldest."""
+        longest due (``scheduled_at``), then the oldest (see :meth:`claim_jobs`)."""
+        claim = yield from self.claim_jobs(queue, worker_id, limit)
+        return claim.jobs
+
+    def claim_jobs(self, queue: str, worker_id: str, limit: int) -> Op[Claim]:
+        """Claim up to ``limit`` due jobs of ``queue`` within its rate limit and
+        concurrency-key limit, in fetch order; says when a spent rate window reopens."""
         rows = yield (
             self.q("fetch_jobs_many"),
             {"queue": queue, "worker_id": worker_id, "limit": limit},
         )
-        jobs = [row_to_job(r) for r in rows]
+        retry_in: float | None = None
+        jobs = []
+        for row in rows:
+            if row["id"] is None:
+                retry_in = row["retry_in"]
+            else:
+                jobs.append(row_to_job(row))
         jobs.sort(key=lambda j: (-j.priority, j.scheduled_at, j.id.uuid))
-        return jobs
+        return Claim(jobs, retry_in)
 
     def complete_jobs(self, worker_id: str, outcomes: Sequence[Outcome]) -> Op[set[Reference]]:
-        """Record outcomes in one statement; returns the jobs whose claim still held."""
+        """Record outcomes in one statement; returns the jobs whose claim still held.
+        The statement also sends one NOTIFY on :attr:`done_channel` for the batch."""
         if not outcomes:
             return set()
+        lenient = self.dumps_lenient
         params: dict[str, Any] = {
             "worker_id": worker_id,
             "id": [o.job.id.uuid for o in outcomes],
             "attempt": [o.job.attempts for o in outcomes],
             "state": [o.state for o in outcomes],
-            "delay": [float(o.delay) for o in outcomes],
+            "delay": [_safe_delay(o.delay) for o in outcomes],
             "refund": [1 if o.refund else 0 for o in outcomes],
             "error": [
                 None
                 if o.error is None
-                else _dumps_lenient({"attempt": o.job.attempts, "traceback": o.error})
+                else lenient({"attempt": o.job.attempts, "traceback": o.error})
                 for o in outcomes
             ],
-            "meta": [None if o.meta is None else _dumps_lenient(o.meta) for o in outcomes],
-            "result": [None if o.result is None else _dumps_lenient(o.result) for o in outcomes],
+            "meta": [None if o.meta is None else lenient(o.meta) for o in outcomes],
+            "result": [
+                o.encoded_result
+                if o.encoded_result is not None
+                else (None if o.result is None else lenient(o.result))
+                for o in outcomes
+            ],
+            "progress": [None if o.progress is None else lenient(o.progress) for o in outcomes],
             "started_at": [o.job.started_at for o in outcomes],
+            "notify": self.notify_completions,
+            "channel": self.done_channel,
         }
         rows = yield self.q("complete_jobs_batch"), params
+        return {Reference(r["id"]) for r in rows if r["id"] is not None}
+
+    def update_progress(
+        self, worker_id: str, updates: Sequence[tuple[QueuedJob, Mapping[str, Any]]]
+    ) -> Op[set[Reference]]:
+        """Write running jobs' progress in one claim-guarded statement; returns the jobs
+        whose claim still held."""
+        if not updates:
+            return set()
+        rows = yield (
+            self.q("jobs_update_progress_many"),
+            {
+                "worker_id": worker_id,
+                "id": [job.id.uuid for job, _ in updates],
+                "attempt": [job.attempts for job, _ in updates],
+                "started_at": [job.started_at for job, _ in updates],
+                "progress": [self.dumps_lenient(progress) for _, progress in updates],
+            },
+        )
         return {Reference(r["id"]) for r in rows}
 
     def get_jobs(self, refs: Iterable[Reference | str | uuid.UUID]) -> Op[list[QueuedJob]]:
@@ -382,6 +517,7 @@ class Store:
                 "rate_limit_window": queue.rate_limit_window,
                 "resume_at": queue.resume_at,
                 "eager_polling": queue.eager_polling,
+                "concurrency_key_limit": queue.concurrency_key_limit,
                 "upsert": upsert,
                 "notify": notify,
                 "channel": self.channel,
@@ -491,6 +627,22 @@ class Store:
         return rows[0] if rows else None
 
 
+#: The longest delay an outcome may ask for (ten years); more would overflow the interval.
+MAX_DELAY = 10 * 365 * 86400.0
+
+
+def _safe_delay(delay: Any) -> float:
+    """A delay the completion statement can always use: one bad value (NaN, inf, huge)
+    from a plugin or a job must not make the whole batch fail."""
+    try:
+        value = float(delay)
+    except (TypeError, ValueError):
+        return 0.0
+    if value != value or value <= 0:
+        return 0.0
+    return min(value, MAX_DELAY)
+
+
 def _dumps_lenient(value: Any) -> str:
     """JSON for a job's result, meta or error; what JSON (or jsonb) cannot hold is kept
     as its repr, and NUL characters are replaced."""
@@ -513,6 +665,7 @@ def row_to_job(row: Row) -> QueuedJob:
         priority=row["priority"],
         max_attempts=row["max_attempts"],
         unique_key=row["unique_key"],
+        concurrency_key=row.get("concurrency_key"),
         scheduled_at=row["scheduled_at"],
         state=QueuedJob.State(row["state"]),
         attempts=row["attempts"],
@@ -522,6 +675,7 @@ def row_to_job(row: Row) -> QueuedJob:
         errors=list(row.get("errors") or ()),
         result=row.get("result"),
         taken_by=row.get("taken_by"),
+        progress=row.get("progress"),
     )
 
 
@@ -539,6 +693,7 @@ def row_to_queue(row: Row) -> Queue:
         rate_limit_window=row["rate_limit_window"],
         resume_at=row["resume_at"],
         eager_polling=row["eager_polling"],
+        concurrency_key_limit=row.get("concurrency_key_limit", 1),
     )
 
 
