@@ -86,3 +86,7 @@ def context_seen_in_child() -> dict[str, object]:
         "attempt": record.chancy_attempt,  # type: ignore[attr-defined]
         "initialized": list(initialized),
     }
+
+
+def record_pair(*, value: int, x: int = 0) -> int:
+    return value + x

@@ -76,10 +76,14 @@ async def test_run_pending_follows_pushed_jobs_snoozes_and_skips_other_queues(
 
 async def test_assert_pushed_matches_func_kwargs_subset_queue_and_count(chancy: Chancy) -> None:
     await chancy.declare(Queue("eco"))
-    await chancy.push(Job(func="tests.jobs_eco.record", queue="eco", kwargs={"value": 1, "x": 2}))
-    await chancy.push(jobs_eco.record.job.with_kwargs(value=2))
-    found = await assert_pushed(chancy, jobs_eco.record, kwargs={"value": 1})
+    pair = "tests.jobs_eco.record_pair"
+    await chancy.push(Job(func=pair, queue="eco", kwargs={"value": 1, "x": 2}))
+    await chancy.push(Job(func=pair, queue="eco", kwargs={"value": 2, "x": 2}))
+    found = await assert_pushed(chancy, pair, kwargs={"value": 1})
     assert [dict(job.kwargs) for job in found] == [{"value": 1, "x": 2}]
+    await assert_pushed(chancy, pair, kwargs={"x": 2}, count=2)
+    await chancy.push(jobs_eco.record.job.with_kwargs(value=1))
+    await chancy.push(jobs_eco.record.job.with_kwargs(value=2))
     await assert_pushed(chancy, "tests.jobs_eco.record", count=2, queue="eco")
     await assert_pushed(chancy, jobs_eco.record.func, states=["pending"], count=2)
     await assert_not_pushed(chancy, jobs_eco.record, kwargs={"value": 3})
