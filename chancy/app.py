@@ -27,6 +27,7 @@ from chancy.errors import (
     JobNotFinishedError,
     JobNotFoundError,
     JobValidationError,
+    MigrationPermissionError,
     NotConnectedError,
     QueueValidationError,
     UnknownQueueError,
@@ -288,18 +289,24 @@ class Chancy:
         sets = self._migration_sets()
         if to_version is not None:
             sets = sets[:1]
-        async with self.pool.connection() as conn, conn.transaction():
-            for key, package in sets:
-                await store_module.arun(conn, self.store.migrate(key, package, to_version))
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                for key, package in sets:
+                    await store_module.arun(conn, self.store.migrate(key, package, to_version))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _migration_permission_error(exc) from exc
 
     def sync_migrate(self, *, to_version: int | None = None) -> None:
         """Sync twin of :meth:`migrate`."""
         sets = self._migration_sets()
         if to_version is not None:
             sets = sets[:1]
-        with self.sync_pool.connection() as conn, conn.transaction():
-            for key, package in sets:
-                store_module.run(conn, self.store.migrate(key, package, to_version))
+        try:
+            with self.sync_pool.connection() as conn, conn.transaction():
+                for key, package in sets:
+                    store_module.run(conn, self.store.migrate(key, package, to_version))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _migration_permission_error(exc) from exc
 
     async def is_up_to_date(self) -> bool:
         """True when no migration (core or plugin) is pending."""
@@ -788,6 +795,14 @@ class _CompletionListener:
             self.task.cancel()
             with contextlib.suppress(BaseException):
                 await self.task
+
+
+def _migration_permission_error(exc: psycopg.Error) -> MigrationPermissionError:
+    return MigrationPermissionError(
+        f"migrations need the right to create and alter tables ({exc.diag.message_primary}): "
+        "run migrations as the owner of Chancy's schema; workers and applications need "
+        "only SELECT, INSERT, UPDATE and DELETE"
+    )
 
 
 def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:

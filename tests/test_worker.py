@@ -254,6 +254,19 @@ async def test_pause_resume_and_resume_at(chancy: Chancy) -> None:
     assert queue is not None and queue.state == "active" and queue.resume_at is None
 
 
+async def test_fetch_claims_nothing_from_a_paused_queue(chancy: Chancy) -> None:
+    # A worker's copy of the queue can lag a pause; the fetch itself checks the state.
+    await chancy.declare(Queue("q", executor=Chancy.Executor.Async))
+    ref = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
+    await chancy.pause_queue("q")
+    async with chancy.pool.connection() as conn:
+        assert await arun(conn, chancy.store.fetch_jobs("q", "w1", 10)) == []
+    await chancy.resume_queue("q")
+    async with chancy.pool.connection() as conn:
+        jobs = await arun(conn, chancy.store.fetch_jobs("q", "w1", 10))
+    assert [job.id for job in jobs] == [ref]
+
+
 async def test_reconfigure_and_delete_queue_at_runtime(chancy: Chancy) -> None:
     await chancy.declare(Queue("q", executor=Chancy.Executor.Async, concurrency=1))
     async with serving(chancy) as worker:

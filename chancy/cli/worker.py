@@ -6,7 +6,7 @@ import click
 
 from chancy.app import Chancy
 from chancy.cli.context import CliState, pass_state, run_with_app
-from chancy.worker import Worker
+from chancy.worker import Worker, exit_if_threads_linger
 
 
 @click.group()
@@ -63,3 +63,4 @@ def start(
         click.echo(f"worker {the_worker.worker_id} stopped", err=True)
 
     run_with_app(state, serve)
+    exit_if_threads_linger()

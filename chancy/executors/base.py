@@ -222,6 +222,8 @@ def import_function(path: str) -> Callable[..., Any]:
                 raise JobImportError(f"importing {module_name} for {path} failed: {exc}") from exc
             last_error = exc
             continue
+        except Exception as exc:  # the module itself raised while being imported
+            raise JobImportError(f"importing {module_name} for {path} raised {exc!r}") from exc
         try:
             for attribute in qualname.split("."):
                 obj = getattr(obj, attribute)

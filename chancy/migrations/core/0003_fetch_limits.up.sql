@@ -51,6 +51,7 @@ SET enable_seqscan = off
 AS $body$
 #variable_conflict use_column
 DECLARE
+    v_queue_state text;
     v_rate_limit integer;
     v_window integer;
     v_key_limit integer;
@@ -71,9 +72,14 @@ DECLARE
     -- so that a job's started_at falls in the window that counted it.
     v_now timestamptz := now();
 BEGIN
-    SELECT q.rate_limit, q.rate_limit_window, q.concurrency_key_limit
-    INTO v_rate_limit, v_window, v_key_limit
+    SELECT q.state, q.rate_limit, q.rate_limit_window, q.concurrency_key_limit
+    INTO v_queue_state, v_rate_limit, v_window, v_key_limit
     FROM {queues} AS q WHERE q.name = p_queue;
+    -- A worker's copy of the queue may lag a pause: the database decides. A job pushed
+    -- after a pause committed is never claimed by a fetch that was already on its way.
+    IF v_queue_state IS DISTINCT FROM 'active' THEN
+        RETURN;
+    END IF;
 
     IF v_rate_limit IS NOT NULL AND v_window IS NOT NULL THEN
         INSERT INTO {queue_rates} (queue, window_start, started)
