@@ -62,7 +62,9 @@ def _dsn_from(dsn: str | Mapping[str, Any]) -> str:
         ):
             if dsn.get(key):
                 params[name] = dsn[key]
-        params.update(dsn.get("OPTIONS") or {})
+        # Django-only OPTIONS (pool, server_side_binding, ...) are not libpq parameters.
+        libpq = {option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()}
+        params.update((k, v) for k, v in (dsn.get("OPTIONS") or {}).items() if k in libpq)
         return make_conninfo("", **params)
     raise ConfigurationError(f"dsn must be a string or a DATABASES-style dict, not {dsn!r}")
 
@@ -399,6 +401,9 @@ class Chancy:
             if not isinstance(job, Job):
                 raise JobValidationError(f"push() needs Job instances, not {job!r}")
             check_job_arguments(job, self._round_trip)
+        for plugin in self.plugins.values():
+            if type(plugin).on_job_pushing is not _plugin_base().on_job_pushing:
+                jobs = [plugin.on_job_pushing(job) for job in jobs]
         return self.store.push_jobs(
             jobs, require_queues=self.require_declared_queues, notify=self.notifications
         )
@@ -821,3 +826,9 @@ def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
             batch = []
     if batch:
         yield batch
+
+
+def _plugin_base() -> type[Plugin]:
+    from chancy.plugin import Plugin
+
+    return Plugin

@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import functools
@@ -30,6 +31,13 @@ from chancy.progress import ProgressSink
 if TYPE_CHECKING:
     from chancy.queue import Queue
     from chancy.worker import Worker
+
+
+#: The job whose function runs in the current context (task, thread or child process); set
+#: by :func:`prepare_call`, read by :mod:`chancy.contrib.logging` to tag log records.
+current_job: contextvars.ContextVar[QueuedJob | None] = contextvars.ContextVar(
+    "chancy_current_job", default=None
+)
 
 
 class Kind(enum.StrEnum):
@@ -297,6 +305,7 @@ def prepare_call(
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
     """The function to call and its keyword arguments (the running job, and the
     connection for a job completed in its own transaction)."""
+    current_job.set(job)
     func = import_function(job.func)
     kwargs = dict(job.kwargs)
     for name, kind in injected_parameters(func).items():
