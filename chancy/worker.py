@@ -40,6 +40,8 @@ if TYPE_CHECKING:
     from chancy.plugin import Plugin
 
 T = TypeVar("T")
+#: How long a fetch loop may wait for more slots to free before claiming (seconds).
+FETCH_GATHER_WINDOW = 0.002
 
 
 class Worker:
@@ -503,6 +505,7 @@ class Worker:
         the queue is drained, wait for a notification or the polling interval."""
         executor = self.executors[name]
         wake = self._wake[name]
+        gathered = False
         while not self.stopping.is_set():
             queue = self.queues[name]
             if queue.state != Queue.State.ACTIVE:
@@ -514,11 +517,18 @@ class Worker:
             # outcomes are written in the same round trip as the fetch.
             writable = sum(1 for outcome in self._outcomes if outcome.job.queue == name)
             unrecorded = self._unrecorded[name] - writable
-            free = min(executor.free_slots, executor.concurrency - unrecorded)
+            free = min(executor.free_slots, executor.capacity - unrecorded)
             if free <= 0:
                 executor.slot_freed.clear()
                 await self._sleep(queue.polling_interval, executor.slot_freed)
                 continue
+            # A few slots free while others still run: gather more (briefly) so that one
+            # round trip refills many slots. Once per fetch, so a long job cannot stall it.
+            if not gathered and free < executor.capacity // 2 and executor.running:
+                gathered = True
+                await executor.gather_free_slots(executor.capacity // 2, FETCH_GATHER_WINDOW)
+                continue
+            gathered = False
             wake.clear()
             jobs = await self._record_and_fetch(name, free)
             for job in jobs:
@@ -821,6 +831,8 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
         executors = self._all_executors()
+        for executor in executors:
+            executor.release_buffered()  # prefetched, not started: back to the queue
         idle = [asyncio.ensure_future(e.idle.wait()) for e in executors]
         if idle:
             _, late = await asyncio.wait(idle, timeout=self.shutdown_timeout)

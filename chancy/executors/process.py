@@ -59,10 +59,13 @@ class ProcessExecutor(Executor):
 
     Options: ``start_method`` (``forkserver`` on Linux, else ``spawn``), ``kill_grace``
     seconds (default 5), ``max_jobs_per_child`` (recycle a child after N jobs; default
-    never).
+    never), ``prefetch`` (claimed jobs held for the next free child; default twice the
+    concurrency).
     """
 
     default_concurrency = os.cpu_count() or 2
+    #: A child that finishes gets the next job without waiting for a fetch.
+    default_prefetch = 2 * default_concurrency
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
