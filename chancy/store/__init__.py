@@ -30,11 +30,23 @@ from chancy.queue import Queue
 
 T = TypeVar("T")
 Params = Mapping[str, Any]
-Statement = tuple[sql.Composed | sql.SQL, Params | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CopyRows:
+    """Statement "parameters" that make the drivers run the statement as ``COPY ... FROM
+    STDIN`` and stream these rows (text format) into it."""
+
+    rows: Sequence[Sequence[Any]]
+
+
+Statement = tuple[sql.Composed | sql.SQL, Params | CopyRows | None]
 Row = dict[str, Any]
 #: A store operation: yields statements, receives each statement's rows, returns a value.
 Op = Generator[Statement, list[Row], T]
 
+#: Batches of at least this many jobs without unique keys are pushed with COPY.
+COPY_MIN_JOBS = 100
 PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,29}$")
 _HEADER_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -266,6 +278,8 @@ class Store:
         unknown queues (and inserts nothing) when ``require_queues`` is set."""
         if len(jobs) == 1:
             return (yield from self._push_one(jobs[0], require_queues, notify))
+        if len(jobs) >= COPY_MIN_JOBS and all(job.unique_key is None for job in jobs):
+            return (yield from self._push_copy(jobs, require_queues, notify))
         columns: dict[str, list[Any]] = {
             k: []
             for k in (
@@ -340,6 +354,60 @@ class Store:
             seen.add(slot)
             results.append(result)
         return [results[position[i]] for i in range(len(results))]
+
+    def _push_copy(
+        self, jobs: Sequence[Job], require_queues: bool, notify: bool
+    ) -> Op[list[PushResult] | list[str]]:
+        """Many jobs without unique keys: COPY them in (no dedup to resolve, so every job
+        is inserted under the id made here). Several statements: run it in a transaction
+        (push_many does) for all-or-nothing."""
+        dumps = self.dumps
+        due_now: list[tuple[Any, ...]] = []
+        scheduled: list[tuple[Any, ...]] = []
+        first_due: dict[str, Any] = {}
+        ids = []
+        for job in jobs:
+            job_id = uuid7()
+            ids.append(job_id)
+            row = (
+                job_id,
+                job.queue,
+                job.func,
+                dumps(job.kwargs, f"kwargs of {job.func}"),
+                dumps(job.meta, f"meta of {job.func}") if job.meta else "{}",
+                json.dumps([limit.to_dict() for limit in job.limits]) if job.limits else "[]",
+                job.priority,
+                job.max_attempts,
+            )
+            when = job.scheduled_at
+            if when is None:
+                due_now.append(row)
+                first_due[job.queue] = None
+            else:
+                scheduled.append((*row, when))
+                if job.queue not in first_due:
+                    first_due[job.queue] = when
+                elif first_due[job.queue] is not None:
+                    first_due[job.queue] = min(first_due[job.queue], when)
+        queues = sorted(first_due)
+        if require_queues:
+            rows = yield self.q("perf_push_missing_queues"), {"queue": queues}
+            if rows:
+                return sorted(r["missing_queue"] for r in rows)
+        if due_now:
+            yield self.q("perf_push_copy_jobs_due_now"), CopyRows(due_now)
+        if scheduled:
+            yield self.q("perf_push_copy_jobs"), CopyRows(scheduled)
+        if notify:
+            yield (
+                self.q("perf_push_notify"),
+                {
+                    "channel": self.channel,
+                    "queue": queues,
+                    "first_due": [first_due[q] for q in queues],
+                },
+            )
+        return [PushResult(Reference(job_id), True) for job_id in ids]
 
     def _push_one(
         self, job: Job, require_queues: bool, notify: bool
@@ -696,8 +764,15 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
         try:
             statement = next(op)
             while True:
-                await cur.execute(statement[0], statement[1])
-                rows = await cur.fetchall() if cur.description is not None else []
+                query, params = statement
+                if isinstance(params, CopyRows):
+                    async with cur.copy(query) as copy:
+                        for values in params.rows:
+                            await copy.write_row(values)
+                    rows = []
+                else:
+                    await cur.execute(query, params)
+                    rows = await cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
             return typing.cast(T, stop.value)
@@ -715,6 +790,8 @@ async def arun_pipelined(conn: psycopg.AsyncConnection[Any], ops: Sequence[Op[An
             except StopIteration as stop:
                 results[index] = stop.value
                 continue
+            if isinstance(statement[1], CopyRows):
+                raise RuntimeError("arun_pipelined cannot run COPY")
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(statement[0], statement[1])
             started.append((index, cur))
@@ -738,8 +815,15 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
         try:
             statement = next(op)
             while True:
-                cur.execute(statement[0], statement[1])
-                rows = cur.fetchall() if cur.description is not None else []
+                query, params = statement
+                if isinstance(params, CopyRows):
+                    with cur.copy(query) as copy:
+                        for values in params.rows:
+                            copy.write_row(values)
+                    rows = []
+                else:
+                    cur.execute(query, params)
+                    rows = cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
             return typing.cast(T, stop.value)
