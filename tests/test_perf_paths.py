@@ -70,9 +70,7 @@ async def test_copy_push_stores_what_the_array_push_stores(
     before = time.time()
     copied = [ref async for refs in chancy.push_many(batch("copy"), batch_size=N) for ref in refs]
     monkeypatch.setattr(store_module, "COPY_MIN_JOBS", 10**9)  # the one-statement path
-    arrayed = [
-        ref async for refs in chancy.push_many(batch("array"), batch_size=N) for ref in refs
-    ]
+    arrayed = [ref async for refs in chancy.push_many(batch("array"), batch_size=N) for ref in refs]
     assert len(copied) == len(set(copied)) == len(arrayed) == N
     got_copied = {j.id: j for j in await chancy.get_jobs(copied)}
     got_arrayed = {j.id: j for j in await chancy.get_jobs(arrayed)}
@@ -111,7 +109,7 @@ async def test_copy_push_bad_input_fails_before_sql_and_caller_txn_stays_usable(
     jobs = batch("q")
     jobs[-1] = Job(func="tests.jobs.echo", queue="q", kwargs={"x": object()})
     async with chancy.connection() as conn, conn.transaction():
-        with pytest.raises(JobArgumentsError, match="kwargs of tests.jobs.echo"):
+        with pytest.raises(JobArgumentsError, match=r"kwargs of tests\.jobs\.echo"):
             await chancy.push_many_ex(conn, jobs)
         # The transaction is still usable: the good jobs go in with it.
         refs = await chancy.push_many_ex(conn, jobs[:-1])
