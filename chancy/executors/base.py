@@ -71,9 +71,10 @@ class Executor(abc.ABC):
     """
 
     default_concurrency = 4
-    #: Jobs claimed beyond ``concurrency`` and held locally until a slot frees (see
-    #: :attr:`prefetch`); a class default, overridden by the ``prefetch`` option.
-    default_prefetch = 0
+    #: Jobs claimed beyond ``concurrency`` and held locally until a slot frees, as a
+    #: multiple of ``concurrency`` (see :attr:`prefetch`; the ``prefetch`` option sets
+    #: the count instead).
+    default_prefetch_factor = 0
 
     def __init__(
         self, worker: Worker, queue: Queue, concurrency: int | None = None, **options: Any
@@ -82,7 +83,7 @@ class Executor(abc.ABC):
         self.queue = queue
         self.concurrency = concurrency or queue.concurrency or self.default_concurrency
         self.options = options
-        prefetch = options.get("prefetch", self.default_prefetch)
+        prefetch = options.get("prefetch", self.default_prefetch_factor * self.concurrency)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ConfigurationError(f"prefetch must be an int >= 0, not {prefetch!r}")
         #: How many claimed jobs may wait here for a free slot. They are ``running`` in
