@@ -299,3 +299,21 @@ async def test_bad_prefetch_option_is_refused(chancy: Chancy, bad: object) -> No
     assert queue is not None
     with pytest.raises(ConfigurationError, match="prefetch"):
         ThreadedExecutor(worker_for(chancy), queue, **dict(queue.executor_options))
+
+
+def test_uuid7_many_is_ordered_unique_and_version_7() -> None:
+    from chancy.job import uuid7, uuid7_many
+
+    before = uuid7()
+    many = uuid7_many(5000)
+    after = uuid7()
+    assert len(set(many)) == 5000
+    assert all(u.version == 7 for u in many)
+    assert [before, *many, after] == sorted([before, *many, after])
+    assert uuid7_many(0) == []
+
+
+def test_copy_text_escapes_what_copy_would_misread() -> None:
+    assert store_module.copy_text('{"a": "x\\\\y"}') == '{"a": "x\\\\\\\\y"}'
+    assert store_module.copy_text("a\tb\nc\rd") == "a\\tb\\nc\\rd"
+    assert store_module.copy_text("plain") == "plain"
