@@ -442,7 +442,8 @@ class Store:
             "notify": notify,
             "channel": self.channel,
         }
-        rows = yield self.q("push_job_one"), params
+        query = "push_job_one" if job.unique_key is not None else "perf_push_job_one_plain"
+        rows = yield self.q(query), params
         if not rows:
             return [job.queue]
         return [PushResult(Reference(rows[0]["id"]), bool(rows[0]["inserted"]))]

@@ -19,3 +19,22 @@ COPY {jobs} (id, queue, func, kwargs, meta, limits, priority, max_attempts) FROM
 SELECT pg_notify(%(channel)s, json_build_object('e', 'pushed', 'q', d.queue)::text)
 FROM unnest(%(queue)s::text[], %(first_due)s::timestamptz[]) AS d(queue, first_due)
 WHERE d.first_due IS NULL OR d.first_due <= now()
+
+-- name: perf_push_job_one_plain
+-- push_job_one for a job without unique_key: a plain INSERT (no ON CONFLICT, so no
+-- speculative insertion and arbiter-index check), same result row.
+WITH inserted AS (
+    INSERT INTO {jobs} AS j (
+        id, queue, func, kwargs, meta, limits, priority, max_attempts, scheduled_at
+    )
+    SELECT %(id)s, %(queue)s, %(func)s, %(kwargs)s::jsonb, %(meta)s::jsonb, %(limits)s::jsonb,
+           %(priority)s, %(max_attempts)s, coalesce(%(scheduled_at)s::timestamptz, now())
+    WHERE NOT %(require_queues)s
+       OR EXISTS (SELECT 1 FROM {queues} AS known WHERE known.name = %(queue)s)
+    RETURNING j.id, j.queue, true AS inserted, j.scheduled_at <= now() AS due
+)
+SELECT i.id, i.inserted,
+       CASE WHEN %(notify)s AND i.due THEN pg_notify(
+           %(channel)s, json_build_object('e', 'pushed', 'q', i.queue)::text)::text
+       END AS notified
+FROM inserted AS i
