@@ -94,8 +94,30 @@ class ChancySystem(System):
         query = self.chancy.store.q("fetch_jobs_many")
         params = {"queue": QUEUE, "worker_id": "bench-explain", "limit": 100}
         explain = psycopg.sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + query
-        async with conn.transaction(force_rollback=True):
-            cur = psycopg.AsyncClientCursor(conn)
-            await cur.execute(explain, params)
-            plan = "\n".join(row[0] for row in await cur.fetchall())
+        # The fetch is a function: auto_explain shows the plans of the statements inside it.
+        nested: list[str] = []
+
+        def collect(diagnostic: psycopg.errors.Diagnostic) -> None:
+            nested.append(diagnostic.message_primary or "")
+
+        conn.add_notice_handler(collect)
+        try:
+            async with conn.transaction(force_rollback=True):
+                cur = psycopg.AsyncClientCursor(conn)
+                try:
+                    async with conn.transaction():
+                        await cur.execute("LOAD 'auto_explain'")
+                        # Transaction-local settings: the rollback switches them off again.
+                        await cur.execute(
+                            "SELECT set_config('auto_explain.log_min_duration', '0', true), "
+                            "set_config('auto_explain.log_nested_statements', 'on', true), "
+                            "set_config('auto_explain.log_analyze', 'on', true), "
+                            "set_config('auto_explain.log_level', 'notice', true)"
+                        )
+                except psycopg.Error:
+                    pass  # not a superuser: the outer plan only
+                await cur.execute(explain, params)
+                plan = "\n".join([*(row[0] for row in await cur.fetchall()), *nested])
+        finally:
+            conn.remove_notice_handler(collect)
         return {"plan": plan, "uses_fetch_index": FETCH_INDEX in plan}

@@ -454,6 +454,24 @@ class Chancy:
         atomic = len(batch) >= store_module.COPY_MIN_JOBS
         return self._check_push(await self._run(self._push_op(batch), transaction=atomic))
 
+    async def push_detailed_ex(
+        self,
+        cursor: psycopg.AsyncCursor[Any] | psycopg.AsyncConnection[Any],
+        jobs: Sequence[Job],
+    ) -> list[PushResult]:
+        """:meth:`push_detailed` inside the caller's transaction (see :meth:`push_ex`)."""
+        return self._check_push(await store_module.arun(cursor, self._push_op(list(jobs))))
+
+    def sync_push_detailed(self, jobs: Sequence[Job]) -> list[PushResult]:
+        """Sync twin of :meth:`push_detailed`."""
+        return self._check_push(self._sync_run(self._push_op(list(jobs))))
+
+    def sync_push_detailed_ex(
+        self, cursor: psycopg.Cursor[Any] | psycopg.Connection[Any], jobs: Sequence[Job]
+    ) -> list[PushResult]:
+        """Sync twin of :meth:`push_detailed_ex`."""
+        return self._check_push(store_module.run(cursor, self._push_op(list(jobs))))
+
     async def push_many(
         self, jobs: Iterable[Job], *, batch_size: int = 1000
     ) -> AsyncIterator[list[Reference]]:

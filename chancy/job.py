@@ -193,6 +193,14 @@ def _check_job_fields(job: Job) -> None:
         raise JobValidationError(
             "unique_key must be a non-empty str of at most 1024 characters, without NUL"
         )
+    if job.concurrency_key is not None and (
+        not isinstance(job.concurrency_key, str)
+        or not 0 < len(job.concurrency_key) <= 1024
+        or "\x00" in job.concurrency_key
+    ):
+        raise JobValidationError(
+            "concurrency_key must be a non-empty str of at most 1024 characters, without NUL"
+        )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -211,6 +219,9 @@ class Job:
     limits: list[Limit] = dataclasses.field(default_factory=list)
     unique_key: str | None = None
     meta: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    #: Jobs of one queue sharing this key run at most ``Queue.concurrency_key_limit`` at a
+    #: time across all workers, in fetch order (e.g. ``"customer:42"``).
+    concurrency_key: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.limits, list | tuple):
@@ -249,6 +260,10 @@ class Job:
     def with_unique_key(self, unique_key: str | None) -> Job:
         """A copy that is deduplicated on ``unique_key`` while pending or running."""
         return self._replace(unique_key=unique_key)
+
+    def with_concurrency_key(self, concurrency_key: str | None) -> Job:
+        """A copy that shares a concurrency limit with the queue's jobs of the same key."""
+        return self._replace(concurrency_key=concurrency_key)
 
     def with_queue(self, queue: str) -> Job:
         """A copy that goes to another queue."""
@@ -309,6 +324,7 @@ class QueuedJob(Job):
             "attempts": self.attempts,
             "max_attempts": self.max_attempts,
             "unique_key": self.unique_key,
+            "concurrency_key": self.concurrency_key,
             "limits": [limit.to_dict() for limit in self.limits],
             "meta": dict(self.meta),
             "created_at": iso(self.created_at),

@@ -26,6 +26,12 @@ class Queue:
     ``concurrency`` is per worker (``None`` lets the executor choose); ``tags`` are regexes
     matched against worker tags; ``polling_interval`` is how often an idle worker checks for
     jobs when no notification arrives.
+
+    ``rate_limit`` jobs at most start per fixed window of ``rate_limit_window`` seconds,
+    across all workers. ``concurrency_key_limit`` is how many jobs sharing a
+    ``Job.concurrency_key`` may run at once, across all workers. With ``eager_polling``, a
+    worker fetches again as soon as it has recorded finished jobs, instead of waiting for a
+    notification or the next poll. See ``docs/limits.md``.
     """
 
     class State(enum.StrEnum):
@@ -43,6 +49,7 @@ class Queue:
     rate_limit_window: int | None = None
     resume_at: dt.datetime | None = None
     eager_polling: bool = False
+    concurrency_key_limit: int = 1
 
     def __init__(
         self,
@@ -58,6 +65,7 @@ class Queue:
         rate_limit_window: int | None = None,
         resume_at: dt.datetime | None = None,
         eager_polling: bool = False,
+        concurrency_key_limit: int = 1,
     ) -> None:
         validate_queue_name(name)
         if concurrency is not None and (
@@ -85,8 +93,13 @@ class Queue:
             raise QueueValidationError("polling_interval must be a positive number of seconds")
         if (rate_limit is None) != (rate_limit_window is None):
             raise QueueValidationError("rate_limit and rate_limit_window go together")
-        for label, value in (("rate_limit", rate_limit), ("rate_limit_window", rate_limit_window)):
-            if value is not None and (
+        limits = (
+            ("rate_limit", rate_limit),
+            ("rate_limit_window", rate_limit_window),
+            ("concurrency_key_limit", concurrency_key_limit),
+        )
+        for label, value in limits:
+            if (value is not None or label == "concurrency_key_limit") and (
                 isinstance(value, bool)
                 or not isinstance(value, int)
                 or not 1 <= value <= _INT32_MAX
@@ -108,6 +121,7 @@ class Queue:
             "rate_limit_window": rate_limit_window,
             "resume_at": resume_at,
             "eager_polling": bool(eager_polling),
+            "concurrency_key_limit": concurrency_key_limit,
         }
         for key, value in values.items():
             object.__setattr__(self, key, value)
@@ -130,6 +144,7 @@ class Queue:
             "rate_limit_window": self.rate_limit_window,
             "resume_at": self.resume_at.isoformat() if self.resume_at else None,
             "eager_polling": self.eager_polling,
+            "concurrency_key_limit": self.concurrency_key_limit,
         }
 
 

@@ -31,7 +31,7 @@ from chancy.executors.base import Execution, Executor, Kind
 from chancy.hub import Hub
 from chancy.job import QueuedJob, Reference
 from chancy.queue import Queue
-from chancy.store import Op, Outcome
+from chancy.store import Claim, Op, Outcome
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -106,6 +106,8 @@ class Worker:
         self._retiring: set[Executor] = set()
         self._runners: dict[str, asyncio.Task[None]] = {}
         self._wake: dict[str, asyncio.Event] = {}
+        # Set when a queue's settings change: ends a wait for a spent rate window.
+        self._reconfigured: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._outcomes: list[Outcome] = []
         self._outcomes_ready = asyncio.Event()
@@ -454,6 +456,8 @@ class Worker:
                 self.queues[name] = queue
                 if queue.state != current.state:
                     self._wake[name].set()
+                if queue != current:
+                    self._reconfigured[name].set()
 
     def _start_queue(self, queue: Queue) -> None:
         try:
@@ -464,6 +468,7 @@ class Worker:
         self.queues[queue.name] = queue
         self.executors[queue.name] = executor
         self._wake[queue.name] = asyncio.Event()
+        self._reconfigured[queue.name] = asyncio.Event()
         self._runners[queue.name] = asyncio.create_task(
             self._supervise(f"queue {queue.name}", lambda: self._serve(queue.name)),
             name=f"chancy-queue-{queue.name}",
@@ -478,6 +483,7 @@ class Worker:
                 await runner
         self.queues.pop(name, None)
         self._wake.pop(name, None)
+        self._reconfigured.pop(name, None)
         executor = self.executors.pop(name, None)
         if executor is not None:
             # Running jobs finish in the background; the executor is then released.
@@ -502,9 +508,12 @@ class Worker:
 
     async def _serve(self, name: str) -> None:
         """The fetch loop of one queue: fetch as many jobs as there are free slots; when
-        the queue is drained, wait for a notification or the polling interval."""
+        the queue is drained, wait for a notification or the polling interval (with
+        ``eager_polling``, also for this worker to record finished jobs); when its rate
+        limit's window is spent, wait until the next window opens."""
         executor = self.executors[name]
         wake = self._wake[name]
+        reconfigured = self._reconfigured[name]
         gathered = False
         while not self.stopping.is_set():
             queue = self.queues[name]
@@ -530,15 +539,22 @@ class Worker:
                 continue
             gathered = False
             wake.clear()
-            jobs = await self._record_and_fetch(name, free)
+            reconfigured.clear()
+            claim = await self._record_and_fetch(name, free)
+            jobs = claim.jobs
             for job in jobs:
                 self._claimed.add((job.id, job.attempts))
                 self._unrecorded[name] += 1
             await self._dispatch_all(executor, jobs)
-            if len(jobs) < free and not self.stopping.is_set():
+            if self.stopping.is_set():
+                break
+            if claim.rate_limited_for is not None:
+                # Fetching again before the window reopens would claim nothing.
+                await self._sleep(claim.rate_limited_for, reconfigured)
+            elif len(jobs) < free:
                 await self._sleep(queue.polling_interval, wake)
 
-    async def _record_and_fetch(self, name: str, limit: int) -> list[QueuedJob]:
+    async def _record_and_fetch(self, name: str, limit: int) -> Claim:
         """Write every pending outcome and claim up to ``limit`` jobs: one round trip."""
         batch = self._take_outcomes()
         store = self.chancy.store
@@ -548,13 +564,14 @@ class Worker:
                     conn,
                     [
                         store.complete_jobs(self.worker_id, batch),
-                        store.fetch_jobs(name, self.worker_id, limit),
+                        store.claim_jobs(name, self.worker_id, limit),
                     ],
                 )
         except BaseException:
             self._return_outcomes(batch)
             raise
-        self._recorded(batch)
+        # The fetch ran after the batch was written: no need to wake this queue for it.
+        self._recorded(batch, fetched=name)
         return jobs  # type: ignore[no-any-return]
 
     async def _dispatch_all(self, executor: Executor, jobs: list[QueuedJob]) -> None:
@@ -747,7 +764,7 @@ class Worker:
             raise
         self._recorded(batch)
 
-    def _recorded(self, batch: list[Outcome]) -> None:
+    def _recorded(self, batch: list[Outcome], fetched: str | None = None) -> None:
         if not batch:
             return
         recorded = collections.Counter(outcome.job.queue for outcome in batch)
@@ -762,6 +779,8 @@ class Worker:
             executor = self.executors.get(queue_name)
             if executor is not None:
                 executor.slot_freed.set()
+            if queue_name != fetched:
+                self._wake_after_recorded(queue_name, batch)
         self.hub.emit("job.recorded", batch)
         # A job handed back to run again soon is fetched when due, not a poll later.
         for outcome in batch:
@@ -774,6 +793,19 @@ class Worker:
                     and outcome.delay < queue.polling_interval
                 ):
                     self.loop.call_later(outcome.delay, wake.set)
+
+    def _wake_after_recorded(self, queue_name: str, batch: list[Outcome]) -> None:
+        """Fetch again now if the queue polls eagerly, or if a finished job freed a place
+        under its concurrency key (jobs of that key may be waiting)."""
+        queue = self.queues.get(queue_name)
+        wake = self._wake.get(queue_name)
+        if queue is None or wake is None:
+            return
+        if queue.eager_polling or any(
+            outcome.job.queue == queue_name and outcome.job.concurrency_key is not None
+            for outcome in batch
+        ):
+            wake.set()
 
     # -- progress ---------------------------------------------------------------------
 

@@ -138,12 +138,12 @@ async def test_cancel_pending_and_running(chancy: Chancy, executor: str) -> None
     assert not await chancy.cancel_job(pending)
     async with serving(chancy, shutdown_timeout=1):
         func = "tests.jobs.async_sleep" if executor == Chancy.Executor.Async else "tests.jobs.sleep"
-        long = await chancy.push(Job(func=func, queue="q", kwargs={"seconds": 3}, max_attempts=3))
+        long = await chancy.push(Job(func=func, queue="q", kwargs={"seconds": 60}, max_attempts=3))
         await chancy.wait_for_job(long, states=["running"], timeout=10)
         assert await chancy.cancel_job(long)
         # The slot is freed: the next job runs although the cancelled one would still sleep.
         nxt = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
-        done = await chancy.wait_for_job(nxt, timeout=2.5)
+        done = await chancy.wait_for_job(nxt, timeout=30)
         assert done is not None and done.state == "succeeded"
     final = await chancy.get_job(long)
     assert final is not None and final.state == "cancelled" and final.attempts == 1
@@ -252,6 +252,19 @@ async def test_pause_resume_and_resume_at(chancy: Chancy) -> None:
     assert job is not None and job.started_at is not None and job.started_at >= resume_at
     queue = await chancy.get_queue("q")
     assert queue is not None and queue.state == "active" and queue.resume_at is None
+
+
+async def test_fetch_claims_nothing_from_a_paused_queue(chancy: Chancy) -> None:
+    # A worker's copy of the queue can lag a pause; the fetch itself checks the state.
+    await chancy.declare(Queue("q", executor=Chancy.Executor.Async))
+    ref = await chancy.push(Job(func="tests.jobs.noop", queue="q"))
+    await chancy.pause_queue("q")
+    async with chancy.pool.connection() as conn:
+        assert await arun(conn, chancy.store.fetch_jobs("q", "w1", 10)) == []
+    await chancy.resume_queue("q")
+    async with chancy.pool.connection() as conn:
+        jobs = await arun(conn, chancy.store.fetch_jobs("q", "w1", 10))
+    assert [job.id for job in jobs] == [ref]
 
 
 async def test_reconfigure_and_delete_queue_at_runtime(chancy: Chancy) -> None:

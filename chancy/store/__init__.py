@@ -180,6 +180,15 @@ class PushResult:
     inserted: bool
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Claim:
+    """What one fetch claimed; ``rate_limited_for`` is set when the queue's rate window is
+    spent: the seconds until the next window opens (fetching sooner claims nothing)."""
+
+    jobs: list[QueuedJob]
+    rate_limited_for: float | None = None
+
+
 @dataclasses.dataclass(slots=True)
 class Outcome:
     """How one claimed job ended, as recorded by :meth:`Store.complete_jobs`."""
@@ -305,6 +314,7 @@ class Store:
                 "max_attempts",
                 "unique_key",
                 "scheduled_at",
+                "concurrency_key",
             )
         }
         # Jobs sharing a unique key within one batch collapse onto the first of them.
@@ -336,6 +346,7 @@ class Store:
             columns["max_attempts"].append(job.max_attempts)
             columns["unique_key"].append(job.unique_key)
             columns["scheduled_at"].append(job.scheduled_at)
+            columns["concurrency_key"].append(job.concurrency_key)
         if not jobs:
             return []
         params = {
@@ -438,6 +449,7 @@ class Store:
             "max_attempts": job.max_attempts,
             "unique_key": job.unique_key,
             "scheduled_at": job.scheduled_at,
+            "concurrency_key": job.concurrency_key,
             "require_queues": require_queues,
             "notify": notify,
             "channel": self.channel,
@@ -450,14 +462,26 @@ class Store:
 
     def fetch_jobs(self, queue: str, worker_id: str, limit: int) -> Op[list[QueuedJob]]:
         """Claim up to ``limit`` due jobs of ``queue``: highest priority first, then the
-        longest due (``scheduled_at``), then the oldest."""
+        longest due (``scheduled_at``), then the oldest (see :meth:`claim_jobs`)."""
+        claim = yield from self.claim_jobs(queue, worker_id, limit)
+        return claim.jobs
+
+    def claim_jobs(self, queue: str, worker_id: str, limit: int) -> Op[Claim]:
+        """Claim up to ``limit`` due jobs of ``queue`` within its rate limit and
+        concurrency-key limit, in fetch order; says when a spent rate window reopens."""
         rows = yield (
             self.q("fetch_jobs_many"),
             {"queue": queue, "worker_id": worker_id, "limit": limit},
         )
-        jobs = [row_to_job(r) for r in rows]
+        retry_in: float | None = None
+        jobs = []
+        for row in rows:
+            if row["id"] is None:
+                retry_in = row["retry_in"]
+            else:
+                jobs.append(row_to_job(row))
         jobs.sort(key=lambda j: (-j.priority, j.scheduled_at, j.id.uuid))
-        return jobs
+        return Claim(jobs, retry_in)
 
     def complete_jobs(self, worker_id: str, outcomes: Sequence[Outcome]) -> Op[set[Reference]]:
         """Record outcomes in one statement; returns the jobs whose claim still held.
@@ -577,6 +601,7 @@ class Store:
                 "rate_limit_window": queue.rate_limit_window,
                 "resume_at": queue.resume_at,
                 "eager_polling": queue.eager_polling,
+                "concurrency_key_limit": queue.concurrency_key_limit,
                 "upsert": upsert,
                 "notify": notify,
                 "channel": self.channel,
@@ -724,6 +749,7 @@ def row_to_job(row: Row) -> QueuedJob:
         priority=row["priority"],
         max_attempts=row["max_attempts"],
         unique_key=row["unique_key"],
+        concurrency_key=row.get("concurrency_key"),
         scheduled_at=row["scheduled_at"],
         state=QueuedJob.State(row["state"]),
         attempts=row["attempts"],
@@ -751,6 +777,7 @@ def row_to_queue(row: Row) -> Queue:
         rate_limit_window=row["rate_limit_window"],
         resume_at=row["resume_at"],
         eager_polling=row["eager_polling"],
+        concurrency_key_limit=row.get("concurrency_key_limit", 1),
     )
 
 

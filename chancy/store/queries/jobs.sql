@@ -9,16 +9,18 @@ WITH missing AS (
       AND NOT EXISTS (SELECT 1 FROM {queues} AS known WHERE known.name = q.name)
 ), inserted AS (
     INSERT INTO {jobs} AS j (
-        id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key, scheduled_at
+        id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key, scheduled_at,
+        concurrency_key
     )
     SELECT i.id, i.queue, i.func, i.kwargs::jsonb, i.meta::jsonb, i.limits::jsonb, i.priority,
-           i.max_attempts, i.unique_key, coalesce(i.scheduled_at, now())
+           i.max_attempts, i.unique_key, coalesce(i.scheduled_at, now()), i.concurrency_key
     FROM unnest(
         %(id)b::uuid[], %(queue)b::text[], %(func)b::text[], %(kwargs)b::text[],
         %(meta)b::text[], %(limits)b::text[], %(priority)b::smallint[],
-        %(max_attempts)b::integer[], %(unique_key)b::text[], %(scheduled_at)b::timestamptz[]
+        %(max_attempts)b::integer[], %(unique_key)b::text[], %(scheduled_at)b::timestamptz[],
+        %(concurrency_key)b::text[]
     ) AS i(id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key,
-           scheduled_at)
+           scheduled_at, concurrency_key)
     WHERE NOT EXISTS (SELECT 1 FROM missing)
     ON CONFLICT (unique_key)
         WHERE unique_key IS NOT NULL AND state IN ('pending', 'running', 'retrying')
@@ -42,11 +44,12 @@ SELECT NULL, NULL, NULL, NULL FROM (SELECT count(*) AS n FROM notified) AS c WHE
 -- comes back when the queue is unknown.
 WITH inserted AS (
     INSERT INTO {jobs} AS j (
-        id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key, scheduled_at
+        id, queue, func, kwargs, meta, limits, priority, max_attempts, unique_key, scheduled_at,
+        concurrency_key
     )
     SELECT %(id)s, %(queue)s, %(func)s, %(kwargs)s::jsonb, %(meta)s::jsonb, %(limits)s::jsonb,
            %(priority)s, %(max_attempts)s, %(unique_key)s,
-           coalesce(%(scheduled_at)s::timestamptz, now())
+           coalesce(%(scheduled_at)s::timestamptz, now()), %(concurrency_key)s
     WHERE NOT %(require_queues)s
        OR EXISTS (SELECT 1 FROM {queues} AS known WHERE known.name = %(queue)s)
     ON CONFLICT (unique_key)
@@ -62,7 +65,9 @@ FROM inserted AS i
 
 -- name: fetch_jobs_many
 -- Claims up to %(limit)s due jobs of one queue for one worker, highest priority first,
--- then longest due, counting the attempt now (migration 0002 explains the function).
+-- then longest due, counting the attempt now, within the queue's rate limit and
+-- concurrency-key limit. A row without an id means the rate limit's window is spent and
+-- gives the seconds until it reopens (migrations 0002 and 0003 explain the function).
 SELECT * FROM {fetch_jobs}(%(queue)s, %(worker_id)s, %(limit)s)
 
 -- name: complete_jobs_batch
@@ -114,7 +119,8 @@ SELECT NULL FROM (SELECT count(*) AS n FROM notified) AS c WHERE c.n < 0
 
 -- name: select_jobs_many
 SELECT id, queue, func, kwargs, meta, limits, priority, state, attempts, max_attempts,
-       unique_key, taken_by, errors, result, progress, created_at, scheduled_at, started_at,
+       unique_key, concurrency_key, taken_by, errors, result, progress, created_at,
+       scheduled_at, started_at,
        completed_at
 FROM {jobs}
 WHERE id = ANY(%(ids)s::uuid[])
