@@ -560,13 +560,18 @@ class Worker:
         store = self.chancy.store
         try:
             async with self.pool.connection() as conn:
-                _, jobs = await store_module.arun_pipelined(
-                    conn,
-                    [
-                        store.complete_jobs(self.worker_id, batch),
-                        store.claim_jobs(name, self.worker_id, limit),
-                    ],
-                )
+                if batch:
+                    _, jobs = await store_module.arun_pipelined(
+                        conn,
+                        [
+                            store.complete_jobs(self.worker_id, batch),
+                            store.claim_jobs(name, self.worker_id, limit),
+                        ],
+                    )
+                else:  # nothing to write: a plain statement saves the pipeline's extra sync
+                    jobs = await store_module.arun(
+                        conn, store.claim_jobs(name, self.worker_id, limit)
+                    )
         except BaseException:
             self._return_outcomes(batch)
             raise
