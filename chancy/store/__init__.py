@@ -828,7 +828,9 @@ async def arun_pipelined(conn: psycopg.AsyncConnection[Any], ops: Sequence[Op[An
     is its own transaction on an autocommit connection. Returns their results in order."""
     results: list[Any] = [None] * len(ops)
     started: list[tuple[int, psycopg.AsyncCursor[Row]]] = []
-    async with conn.pipeline() as pipeline:
+    # Leaving the block sends the one Sync and reads every result: an explicit sync()
+    # inside it would cost a second round trip (the exit always syncs again).
+    async with conn.pipeline():
         for index, op in enumerate(ops):
             try:
                 statement = next(op)
@@ -840,16 +842,15 @@ async def arun_pipelined(conn: psycopg.AsyncConnection[Any], ops: Sequence[Op[An
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(statement[0], statement[1])
             started.append((index, cur))
-        await pipeline.sync()
-        for index, cur in started:
-            rows = await cur.fetchall() if cur.description is not None else []
-            try:
-                ops[index].send(rows)
-            except StopIteration as stop:
-                results[index] = stop.value
-            else:
-                raise RuntimeError("arun_pipelined takes single-statement operations only")
-            await cur.close()
+    for index, cur in started:
+        rows = await cur.fetchall() if cur.description is not None else []
+        try:
+            ops[index].send(rows)
+        except StopIteration as stop:
+            results[index] = stop.value
+        else:
+            raise RuntimeError("arun_pipelined takes single-statement operations only")
+        await cur.close()
     return results
 
 
