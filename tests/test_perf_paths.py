@@ -34,6 +34,7 @@ def batch(queue: str) -> list[Job]:
             priority=i % 5,
             max_attempts=1 + i % 3,
             scheduled_at=LATER if i % 7 == 0 else None,
+            concurrency_key=f"k\\{i % 2}" if i % 3 == 0 else None,
         )
         for i in range(N)
     ]
@@ -50,6 +51,7 @@ def comparable(job: QueuedJob) -> tuple[Any, ...]:
         job.state,
         job.attempts,
         job.unique_key,
+        job.concurrency_key,
         job.scheduled_at if job.scheduled_at == LATER else "now",
     )
 
@@ -79,6 +81,7 @@ async def test_copy_push_stores_what_the_array_push_stores(
         comparable(got_arrayed[r]) for r in arrayed
     ]
     assert [got_copied[r].kwargs["a"] for r in copied] == list(range(N))
+    assert {got_copied[r].concurrency_key for r in copied} == {None, "k\\0", "k\\1"}
     for job in got_copied.values():
         assert job.queue == "copy"
         if job.scheduled_at != LATER:

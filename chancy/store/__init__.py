@@ -42,6 +42,7 @@ class CopyRows:
     text: str = ""
 
 
+_COPY_NULL = "\\N"
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
@@ -399,14 +400,17 @@ class Store:
                 json.dumps([limit.to_dict() for limit in job.limits]) if job.limits else "[]",
                 job.priority,
                 job.max_attempts,
+                job.concurrency_key,
             )
             when = job.scheduled_at
+            key = job.concurrency_key
             if when is None:
                 # Formatted here: the common case, and much cheaper than row by row.
                 due_now.append(
                     f"{job_id}\t{copy_text(row[1])}\t{copy_text(row[2])}\t"
                     f"{copy_text(row[3])}\t{copy_text(row[4])}\t{copy_text(row[5])}\t"
-                    f"{int(job.priority)}\t{int(job.max_attempts)}\n"
+                    f"{int(job.priority)}\t{int(job.max_attempts)}\t"
+                    f"{_COPY_NULL if key is None else copy_text(key)}\n"
                 )
                 first_due[job.queue] = None
             else:
