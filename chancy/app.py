@@ -27,6 +27,7 @@ from chancy.errors import (
     JobNotFinishedError,
     JobNotFoundError,
     JobValidationError,
+    MigrationPermissionError,
     NotConnectedError,
     QueueValidationError,
     UnknownQueueError,
@@ -61,7 +62,9 @@ def _dsn_from(dsn: str | Mapping[str, Any]) -> str:
         ):
             if dsn.get(key):
                 params[name] = dsn[key]
-        params.update(dsn.get("OPTIONS") or {})
+        # Django-only OPTIONS (pool, server_side_binding, ...) are not libpq parameters.
+        libpq = {option.keyword.decode() for option in psycopg.pq.Conninfo.get_defaults()}
+        params.update((k, v) for k, v in (dsn.get("OPTIONS") or {}).items() if k in libpq)
         return make_conninfo("", **params)
     raise ConfigurationError(f"dsn must be a string or a DATABASES-style dict, not {dsn!r}")
 
@@ -286,18 +289,24 @@ class Chancy:
         sets = self._migration_sets()
         if to_version is not None:
             sets = sets[:1]
-        async with self.pool.connection() as conn, conn.transaction():
-            for key, package in sets:
-                await store_module.arun(conn, self.store.migrate(key, package, to_version))
+        try:
+            async with self.pool.connection() as conn, conn.transaction():
+                for key, package in sets:
+                    await store_module.arun(conn, self.store.migrate(key, package, to_version))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _migration_permission_error(exc) from exc
 
     def sync_migrate(self, *, to_version: int | None = None) -> None:
         """Sync twin of :meth:`migrate`."""
         sets = self._migration_sets()
         if to_version is not None:
             sets = sets[:1]
-        with self.sync_pool.connection() as conn, conn.transaction():
-            for key, package in sets:
-                store_module.run(conn, self.store.migrate(key, package, to_version))
+        try:
+            with self.sync_pool.connection() as conn, conn.transaction():
+                for key, package in sets:
+                    store_module.run(conn, self.store.migrate(key, package, to_version))
+        except psycopg.errors.InsufficientPrivilege as exc:
+            raise _migration_permission_error(exc) from exc
 
     async def is_up_to_date(self) -> bool:
         """True when no migration (core or plugin) is pending."""
@@ -392,6 +401,9 @@ class Chancy:
             if not isinstance(job, Job):
                 raise JobValidationError(f"push() needs Job instances, not {job!r}")
             check_job_arguments(job, self._round_trip)
+        for plugin in self.plugins.values():
+            if type(plugin).on_job_pushing is not _plugin_base().on_job_pushing:
+                jobs = [plugin.on_job_pushing(job) for job in jobs]
         return self.store.push_jobs(
             jobs, require_queues=self.require_declared_queues, notify=self.notifications
         )
@@ -792,6 +804,14 @@ class _CompletionListener:
                 await self.task
 
 
+def _migration_permission_error(exc: psycopg.Error) -> MigrationPermissionError:
+    return MigrationPermissionError(
+        f"migrations need the right to create and alter tables ({exc.diag.message_primary}): "
+        "run migrations as the owner of Chancy's schema; workers and applications need "
+        "only SELECT, INSERT, UPDATE and DELETE"
+    )
+
+
 def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
     """True if an idle connection's socket is readable: the server sent something
     unasked (an error before closing it) or closed it, or it is already broken."""
@@ -813,3 +833,9 @@ def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
             batch = []
     if batch:
         yield batch
+
+
+def _plugin_base() -> type[Plugin]:
+    from chancy.plugin import Plugin
+
+    return Plugin

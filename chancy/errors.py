@@ -25,8 +25,13 @@ class JobValidationError(ChancyError, ValueError):
 
 
 class JobArgumentsError(JobValidationError, TypeError):
-    """A job's kwargs or meta cannot be encoded as JSON, or its kwargs do not fit the
-    signature of its (importable) function: an unknown name or a missing required one."""
+    """A job's kwargs or meta cannot be encoded as JSON (``path`` names the offending
+    value, e.g. ``kwargs['a'][3]``), or its kwargs do not fit the signature of its
+    (importable) function: an unknown name or a missing required one."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 class QueueValidationError(ChancyError, ValueError):
@@ -47,6 +52,11 @@ class UnknownQueueError(ChancyError, LookupError):
 
 class MigrationsNeededError(ChancyError):
     """The database schema is older than this version of Chancy expects."""
+
+
+class MigrationPermissionError(ChancyError, PermissionError):
+    """The database role may not change the schema: run migrations as the role that owns
+    Chancy's tables; workers and applications need only DML rights."""
 
 
 class NotConnectedError(ChancyError, RuntimeError):

@@ -32,7 +32,7 @@ QUEUE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,99}$")
 
 def validate_queue_name(name: object) -> str:
     """Return ``name`` if it is a valid queue name, else raise :class:`InvalidNameError`."""
-    if not isinstance(name, str) or not QUEUE_NAME_RE.match(name):
+    if not isinstance(name, str) or not QUEUE_NAME_RE.fullmatch(name):
         raise InvalidNameError(
             f"invalid queue name {name!r}: use 1-100 characters from [A-Za-z0-9_.-], "
             "starting with a letter or digit"
@@ -157,7 +157,7 @@ class Limit:
 
 
 def _check_job_fields(job: Job) -> None:
-    if not isinstance(job.func, str) or len(job.func) > 1000 or not _FUNC_RE.match(job.func):
+    if not isinstance(job.func, str) or len(job.func) > 1000 or not _FUNC_RE.fullmatch(job.func):
         raise InvalidNameError(
             f"invalid job function {job.func!r}: expected an import path like 'module.function'"
         )

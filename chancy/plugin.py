@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from chancy.app import Chancy
-    from chancy.job import QueuedJob
+    from chancy.job import Job, QueuedJob
     from chancy.store import Outcome
     from chancy.worker import Worker
 
@@ -32,6 +32,11 @@ class Plugin:
     async def run(self, worker: Worker, chancy: Chancy) -> None:
         """The plugin's service; restarted with back-off if it raises. Default: nothing."""
         return None
+
+    def on_job_pushing(self, job: Job) -> Job:
+        """Called (synchronously, before any SQL) for every job pushed through this Chancy;
+        may return a new job, e.g. with tracing context added to its meta."""
+        return job
 
     async def on_job_starting(self, worker: Worker, job: QueuedJob) -> QueuedJob:
         """Called before a claimed job is handed to its executor; may return a new job."""

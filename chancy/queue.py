@@ -89,8 +89,10 @@ class Queue:
             json.dumps(dict(executor_options or {}), allow_nan=False)
         except (TypeError, ValueError) as exc:
             raise QueueValidationError(f"executor_options must be JSON: {exc}") from None
-        if not (isinstance(polling_interval, int | float) and polling_interval > 0):
-            raise QueueValidationError("polling_interval must be a positive number of seconds")
+        if not (isinstance(polling_interval, int | float) and 0 < polling_interval < float("inf")):
+            raise QueueValidationError(
+                "polling_interval must be a positive, finite number of seconds"
+            )
         if (rate_limit is None) != (rate_limit_window is None):
             raise QueueValidationError("rate_limit and rate_limit_window go together")
         limits = (

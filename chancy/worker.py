@@ -7,9 +7,11 @@ import collections
 import contextlib
 import importlib
 import json
+import logging
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -925,3 +927,28 @@ def _executor_settings(queue: Queue) -> tuple[Any, ...]:
 
 def _meta_key(meta: Any) -> str:
     return json.dumps(meta, sort_keys=True, default=repr)
+
+
+def exit_if_threads_linger(margin: float = 2.0, code: int = 0) -> None:
+    """For a process that only ran a worker (the CLI): once the worker has stopped, give
+    threads that jobs left behind ``margin`` seconds, then end the process without them.
+    Interpreter shutdown joins every non-daemon thread, so a job that started one and
+    ignores cancellation would otherwise keep a stopped worker alive indefinitely."""
+    deadline = time.monotonic() + margin
+    current = threading.current_thread()
+    for thread in threading.enumerate():
+        if thread is not current and not thread.daemon:
+            thread.join(max(deadline - time.monotonic(), 0))
+    lingering = [
+        t.name for t in threading.enumerate() if t is not current and not t.daemon and t.is_alive()
+    ]
+    if lingering:
+        logging.getLogger("chancy").warning(
+            "threads left by jobs still running %.1f s after the worker stopped (%s): exiting",
+            margin,
+            ", ".join(lingering),
+        )
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)

@@ -7,6 +7,7 @@ The server is ``CHANCY_TEST_DSN`` if set, else the local server, else an embedde
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import sys
 import uuid
@@ -23,6 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Sub-interpreters need CPython 3.13: scripts/test runs this file on that interpreter.
 collect_ignore = ["test_subinterpreter.py"] if sys.version_info < (3, 13) else []
+# The Django tests need Django 6 (django.tasks, Python 3.12+): scripts/test-django runs them.
+if sys.version_info < (3, 12) or importlib.util.find_spec("django") is None:
+    collect_ignore += ["test_django.py", "test_django_tasks.py"]
 LOCAL_CANDIDATES = (
     "host=/var/run/postgresql dbname=test user=postgres",
     "host=127.0.0.1 port=5432 dbname=test user=postgres",

@@ -6,7 +6,7 @@ import click
 
 from chancy.app import Chancy
 from chancy.cli.context import CliState, pass_state, run_with_app
-from chancy.worker import Worker
+from chancy.worker import Worker, exit_if_threads_linger
 
 
 @click.group()
@@ -63,3 +63,9 @@ def start(
         click.echo(f"worker {the_worker.worker_id} stopped", err=True)
 
     run_with_app(state, serve)
+    exit_if_threads_linger()
+
+
+from chancy.cli.web import web  # noqa: E402 - the dashboard command lives in its own module
+
+worker.add_command(web)

@@ -7,6 +7,7 @@ import abc
 import asyncio
 import collections
 import contextlib
+import contextvars
 import dataclasses
 import enum
 import functools
@@ -32,6 +33,13 @@ from chancy.progress import ProgressSink
 if TYPE_CHECKING:
     from chancy.queue import Queue
     from chancy.worker import Worker
+
+
+#: The job whose function runs in the current context (task, thread or child process); set
+#: by :func:`prepare_call`, read by :mod:`chancy.contrib.logging` to tag log records.
+current_job: contextvars.ContextVar[QueuedJob | None] = contextvars.ContextVar(
+    "chancy_current_job", default=None
+)
 
 
 class Kind(enum.StrEnum):
@@ -293,6 +301,8 @@ def import_function(path: str) -> Callable[..., Any]:
                 raise JobImportError(f"importing {module_name} for {path} failed: {exc}") from exc
             last_error = exc
             continue
+        except Exception as exc:  # the module itself raised while being imported
+            raise JobImportError(f"importing {module_name} for {path} raised {exc!r}") from exc
         try:
             for attribute in qualname.split("."):
                 obj = getattr(obj, attribute)
@@ -374,6 +384,7 @@ def prepare_call(
 ) -> tuple[Callable[..., Any], dict[str, Any]]:
     """The function to call and its keyword arguments (the running job, and the
     connection for a job completed in its own transaction)."""
+    current_job.set(job)
     func = import_function(job.func)
     kwargs = dict(job.kwargs)
     for name, kind in injected_parameters(func).items():

@@ -31,6 +31,7 @@ from chancy.executors.base import (
     Kind,
     classify_exception,
     exception_types,
+    import_function,
     interrupt_message,
     memory_limit,
     prepare_call,
@@ -59,8 +60,10 @@ class ProcessExecutor(Executor):
 
     Options: ``start_method`` (``forkserver`` on Linux, else ``spawn``), ``kill_grace``
     seconds (default 5), ``max_jobs_per_child`` (recycle a child after N jobs; default
-    never), ``prefetch`` (claimed jobs held for the next free child; default 3 x
-    concurrency, 0 claims only as many jobs as there are idle children).
+    never), ``initializer`` (import path of a function each child calls once before its
+    first job, e.g. ``chancy.contrib.django.setup_child``), ``prefetch`` (claimed jobs held
+    for the next free child; default 3 x concurrency, 0 claims only as many jobs as there
+    are idle children).
     """
 
     default_concurrency = os.cpu_count() or 2
@@ -141,7 +144,7 @@ class ProcessExecutor(Executor):
         parent_conn, child_conn = self._context.Pipe(duplex=True)
         process = self._context.Process(  # type: ignore[attr-defined]
             target=child_main,
-            args=(child_conn, list(sys.path), os.getpid()),
+            args=(child_conn, list(sys.path), os.getpid(), self.options.get("initializer")),
             name=f"chancy-{self.queue.name}",
             daemon=True,
         )
@@ -256,7 +259,10 @@ def _raise_timeout(signum: int, frame: FrameType | None) -> None:
 
 
 def child_main(
-    conn: multiprocessing.connection.Connection, path: list[str], worker_pid: int
+    conn: multiprocessing.connection.Connection,
+    path: list[str],
+    worker_pid: int,
+    initializer: str | None = None,
 ) -> None:
     """Serve jobs sent by the worker over ``conn`` until it closes."""
     sys.path[:] = path
@@ -266,6 +272,8 @@ def child_main(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(CANCEL_SIGNAL, signal.SIG_IGN)
+    if initializer:
+        import_function(initializer)()
     resource: Any = None
     with contextlib.suppress(ImportError):
         import resource

@@ -66,7 +66,7 @@ _HEADER_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 def validate_prefix(prefix: str) -> str:
     """Return ``prefix`` if it can prefix table names, else raise :class:`InvalidNameError`."""
-    if not isinstance(prefix, str) or not PREFIX_RE.match(prefix):
+    if not isinstance(prefix, str) or not PREFIX_RE.fullmatch(prefix):
         raise InvalidNameError(
             f"invalid table prefix {prefix!r}: use 1-30 of [a-z0-9_], not starting with a digit"
         )
@@ -155,14 +155,95 @@ def _as_text(encoded: str | bytes) -> str:
     return encoded.decode() if isinstance(encoded, bytes | bytearray) else encoded
 
 
+#: Largest accepted JSON encoding of a job's kwargs (or meta), in bytes.
+MAX_PAYLOAD_BYTES = 1024 * 1024
+#: Deepest accepted nesting of lists and dicts in kwargs (or meta).
+MAX_PAYLOAD_DEPTH = 100
+_INT64 = 2**63
+
+
+def _string_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "a string with a NUL character, which jsonb cannot store"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "a string with a lone surrogate, which is not valid Unicode"
+    return None
+
+
+def _payload_problem(value: Any, root: str) -> tuple[str, str] | None:
+    """The first value JSON (or jsonb, or a consumer reading int64) cannot hold faithfully,
+    as (path, reason), e.g. ``("kwargs['a'][3]", "a set")``; None if all is well. Walks
+    iteratively, so deep nesting cannot exhaust the stack."""
+    stack: list[tuple[Any, str, int]] = [(value, root, 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if item is None or isinstance(item, bool):
+            continue
+        if isinstance(item, str):
+            reason = _string_problem(item)
+            if reason is not None:
+                return path, reason
+        elif isinstance(item, int):
+            if not -_INT64 <= item < _INT64:
+                return path, "an integer outside the signed 64-bit range"
+        elif isinstance(item, float):
+            if item != item or item in (float("inf"), float("-inf")):
+                return path, f"{item!r}, which JSON cannot represent"
+        elif isinstance(item, dict | list | tuple):
+            if depth >= MAX_PAYLOAD_DEPTH:
+                return path, f"nested deeper than {MAX_PAYLOAD_DEPTH} levels"
+            if isinstance(item, dict):
+                children = []
+                for key, child in item.items():
+                    if not isinstance(key, str):
+                        return (
+                            f"{path}[{key!r}]",
+                            f"a key of type {type(key).__name__} (keys must be str)",
+                        )
+                    reason = _string_problem(key)
+                    if reason is not None:
+                        return f"{path}[{key!r}]", f"a key that is {reason}"
+                    children.append((child, f"{path}[{key!r}]", depth + 1))
+                stack.extend(reversed(children))
+            else:
+                stack.extend(
+                    (item[i], f"{path}[{i}]", depth + 1) for i in range(len(item) - 1, -1, -1)
+                )
+        else:
+            return (
+                path,
+                f"a {type(item).__name__}, which is not JSON "
+                "(use str, int, float, bool, None, list or dict)",
+            )
+    return None
+
+
 def dumps(value: Any, what: str, encoder: JsonDumps = _stdlib_dumps) -> str:
-    """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
+    """Encode ``value`` as JSON, or raise :class:`JobArgumentsError` naming ``what`` and
+    the path of the offending value (``kwargs['a'][3]``). With the default encoders every
+    value is checked first; a custom ``json_dumps`` decides for itself what it encodes."""
+    root = what.split(" ", 1)[0]
+    if encoder is _stdlib_dumps or encoder is _orjson_dumps:
+        problem = _payload_problem(value, root)
+        if problem is not None:
+            path, reason = problem
+            raise JobArgumentsError(f"{what}: {path} is {reason}", path=path)
     try:
         encoded = _as_text(encoder(value))
     except (TypeError, ValueError) as exc:
-        raise JobArgumentsError(f"{what} must be JSON-serialisable: {exc}") from None
+        raise JobArgumentsError(f"{what} must be JSON-serialisable: {exc}", path=root) from None
     if "\\u0000" in encoded and _JSON_NUL.search(encoded):
-        raise JobArgumentsError(f"{what} contains a NUL character, which jsonb cannot store")
+        raise JobArgumentsError(
+            f"{what} contains a NUL character, which jsonb cannot store", path=root
+        )
+    if len(encoded) > MAX_PAYLOAD_BYTES and len(encoded.encode()) > MAX_PAYLOAD_BYTES:
+        raise JobArgumentsError(
+            f"{what}: {root} is {len(encoded.encode())} bytes as JSON, over the "
+            f"{MAX_PAYLOAD_BYTES}-byte limit; store large data elsewhere and pass a key",
+            path=root,
+        )
     return encoded
 
 

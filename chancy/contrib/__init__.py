@@ -1,0 +1,2 @@
+"""Integrations with other libraries; each module imports its library lazily or on import
+and needs the matching extra (``chancy[django]``, ``chancy[otel]``)."""
