@@ -53,6 +53,19 @@ QUICK = Sizes(
     sustained_seconds=2,
 )
 
+#: The smallest sizes that still run every scenario and report every metric (the test
+#: suite's smoke run): tens of jobs, a short history, one second of sustained load.
+SMOKE = Sizes(
+    push_n=30,
+    bulk_n=200,
+    bulk_batch=100,
+    drain_n=40,
+    pickup_samples=5,
+    history_n=300,
+    sustained_rate=50,
+    sustained_seconds=1,
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
@@ -185,7 +198,7 @@ async def worker_rss(env: Env, system: System) -> dict[str, float]:
     n = env.sizes.drain_n
     log = env.log_dir / f"{system.name}-rss.log"
     async with running_worker(system.worker_args(env.dsn), log) as worker:
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(0.2 if env.sizes == SMOKE else 1.0)
         idle = worker.memory()
         await system.push_bulk(payloads(n), 5_000)
         await wait_drained(env, system, worker, drain_timeout(n))
@@ -210,7 +223,7 @@ async def pickup(env: Env, system: System) -> dict[str, float]:
     samples: list[float] = []
     args = system.worker_args(env.dsn, stamp=True)
     async with running_worker(args, log, {jobs.STAMP_FILE_ENV: str(stamp_file)}) as worker:
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.1 if env.sizes == SMOKE else 0.5)
         since = None
         for i in range(warmup + env.sizes.pickup_samples):
             await system.push_one({"sent": time.time()}, stamp=True)

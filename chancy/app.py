@@ -462,7 +462,9 @@ class Chancy:
     async def push_detailed(self, jobs: Sequence[Job]) -> list[PushResult]:
         """Like :meth:`push_many_ex` on a pooled connection, but tells for each job whether
         it was inserted or deduplicated onto a live job with the same ``unique_key``."""
-        return self._check_push(await self._run(self._push_op(list(jobs))))
+        batch = list(jobs)
+        atomic = len(batch) >= store_module.COPY_MIN_JOBS
+        return self._check_push(await self._run(self._push_op(batch), transaction=atomic))
 
     async def push_detailed_ex(
         self,
@@ -489,7 +491,10 @@ class Chancy:
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
         for batch in _batches(jobs, batch_size):
-            result = self._check_push(await self._run(self._push_op(batch)))
+            # A big batch may go in with several statements (COPY): all or nothing.
+            op = self._push_op(batch)
+            atomic = len(batch) >= store_module.COPY_MIN_JOBS
+            result = self._check_push(await self._run(op, transaction=atomic))
             yield [r.reference for r in result]
 
     def sync_push_many(
@@ -499,7 +504,9 @@ class Chancy:
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
         for batch in _batches(jobs, batch_size):
-            result = self._check_push(self._sync_run(self._push_op(batch)))
+            op = self._push_op(batch)
+            atomic = len(batch) >= store_module.COPY_MIN_JOBS
+            result = self._check_push(self._sync_run(op, transaction=atomic))
             yield [r.reference for r in result]
 
     async def push_many_ex(

@@ -395,3 +395,32 @@ def job(
     if func is not None:
         return decorate(func)
     return decorate
+
+
+def uuid7_many(count: int) -> list[uuid.UUID]:
+    """``count`` time-ordered UUIDs at once (a bulk push): one lock, one clock read and
+    one read of randomness instead of one each, ordered and monotonic with :func:`uuid7`."""
+    global _uuid_last_ms, _uuid_seq
+    if count <= 0:
+        return []
+    randomness = os.urandom(8 * count)
+    stamps: list[int] = []
+    with _uuid_lock:
+        ms = time.time_ns() // 1_000_000
+        if ms > _uuid_last_ms:
+            _uuid_last_ms = ms
+            _uuid_seq = (int.from_bytes(os.urandom(2)) & 0x3FF) - 1
+        last_ms, seq = _uuid_last_ms, _uuid_seq
+        for _ in range(count):
+            seq += 1
+            if seq > 0xFFF:
+                last_ms += 1
+                seq = 0
+            stamps.append((last_ms << 80) | (seq << 64))
+        _uuid_last_ms, _uuid_seq = last_ms, seq
+    fixed = (0x7 << 76) | (0b10 << 62)
+    mask = (1 << 62) - 1
+    return [
+        uuid.UUID(int=stamp | fixed | (int.from_bytes(randomness[8 * i : 8 * i + 8]) & mask))
+        for i, stamp in enumerate(stamps)
+    ]

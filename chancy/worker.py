@@ -42,6 +42,8 @@ if TYPE_CHECKING:
     from chancy.plugin import Plugin
 
 T = TypeVar("T")
+#: How long a fetch loop may wait for more slots to free before claiming (seconds).
+FETCH_GATHER_WINDOW = 0.002
 
 
 class Worker:
@@ -514,6 +516,7 @@ class Worker:
         executor = self.executors[name]
         wake = self._wake[name]
         reconfigured = self._reconfigured[name]
+        gathered = False
         while not self.stopping.is_set():
             queue = self.queues[name]
             if queue.state != Queue.State.ACTIVE:
@@ -525,11 +528,18 @@ class Worker:
             # outcomes are written in the same round trip as the fetch.
             writable = sum(1 for outcome in self._outcomes if outcome.job.queue == name)
             unrecorded = self._unrecorded[name] - writable
-            free = min(executor.free_slots, executor.concurrency - unrecorded)
+            free = min(executor.free_slots, executor.capacity - unrecorded)
             if free <= 0:
                 executor.slot_freed.clear()
                 await self._sleep(queue.polling_interval, executor.slot_freed)
                 continue
+            # A few slots free while others still run: gather more (briefly) so that one
+            # round trip refills many slots. Once per fetch, so a long job cannot stall it.
+            if not gathered and free < executor.capacity // 2 and executor.running:
+                gathered = True
+                await executor.gather_free_slots(executor.capacity // 2, FETCH_GATHER_WINDOW)
+                continue
+            gathered = False
             wake.clear()
             reconfigured.clear()
             claim = await self._record_and_fetch(name, free)
@@ -552,13 +562,18 @@ class Worker:
         store = self.chancy.store
         try:
             async with self.pool.connection() as conn:
-                _, jobs = await store_module.arun_pipelined(
-                    conn,
-                    [
-                        store.complete_jobs(self.worker_id, batch),
-                        store.claim_jobs(name, self.worker_id, limit),
-                    ],
-                )
+                if batch:
+                    _, jobs = await store_module.arun_pipelined(
+                        conn,
+                        [
+                            store.complete_jobs(self.worker_id, batch),
+                            store.claim_jobs(name, self.worker_id, limit),
+                        ],
+                    )
+                else:  # nothing to write: a plain statement saves the pipeline's extra sync
+                    jobs = await store_module.arun(
+                        conn, store.claim_jobs(name, self.worker_id, limit)
+                    )
         except BaseException:
             self._return_outcomes(batch)
             raise
@@ -855,6 +870,8 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
         executors = self._all_executors()
+        for executor in executors:
+            executor.release_buffered()  # prefetched, not started: back to the queue
         idle = [asyncio.ensure_future(e.idle.wait()) for e in executors]
         if idle:
             _, late = await asyncio.wait(idle, timeout=self.shutdown_timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from chancy.errors import (
+    ConfigurationError,
     JobImportError,
     JobTimeoutError,
     Snooze,
@@ -77,6 +79,10 @@ class Executor(abc.ABC):
     """
 
     default_concurrency = 4
+    #: Jobs claimed beyond ``concurrency`` and held locally until a slot frees, as a
+    #: multiple of ``concurrency`` (see :attr:`prefetch`; the ``prefetch`` option sets
+    #: the count instead).
+    default_prefetch_factor = 0
 
     def __init__(
         self, worker: Worker, queue: Queue, concurrency: int | None = None, **options: Any
@@ -85,21 +91,65 @@ class Executor(abc.ABC):
         self.queue = queue
         self.concurrency = concurrency or queue.concurrency or self.default_concurrency
         self.options = options
+        prefetch = options.get("prefetch", self.default_prefetch_factor * self.concurrency)
+        if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+            raise ConfigurationError(f"prefetch must be an int >= 0, not {prefetch!r}")
+        #: How many claimed jobs may wait here for a free slot. They are ``running`` in
+        #: the database (claimed by this worker, heartbeated, recovered if it dies) but
+        #: not started: their time limit starts when they do, a cancellation or a
+        #: shutdown hands them back at once. It lets one fetch refill several slots.
+        self.prefetch = prefetch
+        #: Claimed jobs, started or waiting in the prefetch buffer.
         self.running: dict[Reference, QueuedJob] = {}
+        self._buffer: collections.deque[QueuedJob] = collections.deque()
+        self._starting: set[asyncio.Future[None]] = set()
+        self._filling = False
         self._deadlines: dict[Reference, asyncio.TimerHandle] = {}
         self.slot_freed = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
 
     @property
+    def capacity(self) -> int:
+        """How many claimed jobs this executor holds at most: running plus prefetched."""
+        return self.concurrency + self.prefetch
+
+    @property
     def free_slots(self) -> int:
-        """How many more jobs this executor can take now."""
-        return self.concurrency - len(self.running)
+        """How many more jobs this executor can take now (prefetch included)."""
+        return self.capacity - len(self.running)
+
+    @property
+    def buffered(self) -> int:
+        """Claimed jobs waiting in the prefetch buffer for a slot."""
+        return len(self._buffer)
+
+    async def gather_free_slots(self, wanted: int, window: float) -> None:
+        """While jobs still run, wait up to ``window`` seconds for ``wanted`` free slots,
+        so that one fetch refills many slots instead of one round trip per finished job."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + window
+        while self.running and self.free_slots < wanted:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self.slot_freed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.slot_freed.wait(), remaining)
 
     async def push(self, job: QueuedJob) -> None:
-        """Start ``job``; returns once it is running (not once it ends)."""
+        """Start ``job`` (or hold it in the prefetch buffer while every slot is busy);
+        returns once it is running or buffered (not once it ends)."""
         self.running[job.id] = job
         self.idle.clear()
+        if len(self.running) - len(self._buffer) > self.concurrency:
+            self._buffer.append(job)
+            return
+        await self._start(job)
+
+    async def _start(self, job: QueuedJob) -> None:
+        if self.running.get(job.id) is not job:
+            return  # reported (cancelled, handed back) while it waited in the buffer
         try:
             await self.start_job(job)
         except asyncio.CancelledError:
@@ -122,8 +172,33 @@ class Executor(abc.ABC):
 
     async def interrupt_all(self, kind: Kind) -> None:
         """Interrupt every running job."""
+        self.release_buffered()
         for ref in list(self.running):
             await self.interrupt(ref, kind)
+
+    def release_buffered(self) -> None:
+        """Hand back every prefetched job not started yet (worker shutdown): reported
+        INTERRUPTED, so it returns to the queue without using up its attempt."""
+        while self._buffer:
+            job = self._buffer.popleft()
+            self.report(job, Kind.INTERRUPTED, error=interrupt_message(Kind.INTERRUPTED, job))
+
+    def _fill_slots(self) -> None:
+        """Start buffered jobs while slots are free (hand them back once stopping)."""
+        if self._filling:
+            return
+        self._filling = True
+        try:
+            while self._buffer and len(self.running) - len(self._buffer) < self.concurrency:
+                if self.worker.stopping.is_set():
+                    self.release_buffered()
+                    return
+                job = self._buffer.popleft()
+                started = asyncio.ensure_future(self._start(job))
+                self._starting.add(started)
+                started.add_done_callback(self._starting.discard)
+        finally:
+            self._filling = False
 
     def set_deadline(self, job: QueuedJob, seconds: float) -> None:
         """Interrupt ``job`` with a TIMEOUT if it is still running after ``seconds``."""
@@ -140,10 +215,14 @@ class Executor(abc.ABC):
         if fields.get("exception") is None:
             fields["exception"] = kind_exception(kind)
         del self.running[job.id]
+        if self._buffer and job in self._buffer:  # cancelled before it started
+            self._buffer.remove(job)
         timer = self._deadlines.pop(job.id, None)
         if timer is not None:
             timer.cancel()
         self.worker.on_execution(self, Execution(job, kind, **fields))
+        if self._buffer:
+            self._fill_slots()
         self.slot_freed.set()
         if not self.running:
             self.idle.set()

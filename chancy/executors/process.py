@@ -61,10 +61,14 @@ class ProcessExecutor(Executor):
     Options: ``start_method`` (``forkserver`` on Linux, else ``spawn``), ``kill_grace``
     seconds (default 5), ``max_jobs_per_child`` (recycle a child after N jobs; default
     never), ``initializer`` (import path of a function each child calls once before its
-    first job, e.g. ``chancy.contrib.django.setup_child``).
+    first job, e.g. ``chancy.contrib.django.setup_child``), ``prefetch`` (claimed jobs held
+    for the next free child; default 3 x concurrency, 0 claims only as many jobs as there
+    are idle children).
     """
 
     default_concurrency = os.cpu_count() or 2
+    #: A child that finishes gets the next job without waiting for a fetch.
+    default_prefetch_factor = 3
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -25,16 +25,41 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from chancy.errors import ConfigurationError, InvalidNameError, JobArgumentsError
-from chancy.job import Job, Limit, QueuedJob, Reference, uuid7
+from chancy.job import Job, Limit, QueuedJob, Reference, uuid7, uuid7_many
 from chancy.queue import Queue
 
 T = TypeVar("T")
 Params = Mapping[str, Any]
-Statement = tuple[sql.Composed | sql.SQL, Params | None]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CopyRows:
+    """Statement "parameters" that make the drivers run the statement as ``COPY ... FROM
+    STDIN`` and stream these rows (text format) into it."""
+
+    rows: Sequence[Sequence[Any]] = ()
+    #: Rows already in COPY text format (tab-separated, newline-terminated), sent as is.
+    text: str = ""
+
+
+_COPY_NULL = "\\N"
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def copy_text(value: str) -> str:
+    """``value`` escaped for a COPY text-format field."""
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value
+
+
+Statement = tuple[sql.Composed | sql.SQL, Params | CopyRows | None]
 Row = dict[str, Any]
 #: A store operation: yields statements, receives each statement's rows, returns a value.
 Op = Generator[Statement, list[Row], T]
 
+#: Batches of at least this many jobs without unique keys are pushed with COPY.
+COPY_MIN_JOBS = 100
 PREFIX_RE = re.compile(r"^[a-z_][a-z0-9_]{0,29}$")
 _HEADER_RE = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -356,6 +381,8 @@ class Store:
         unknown queues (and inserts nothing) when ``require_queues`` is set."""
         if len(jobs) == 1:
             return (yield from self._push_one(jobs[0], require_queues, notify))
+        if len(jobs) >= COPY_MIN_JOBS and all(job.unique_key is None for job in jobs):
+            return (yield from self._push_copy(jobs, require_queues, notify))
         columns: dict[str, list[Any]] = {
             k: []
             for k in (
@@ -377,7 +404,7 @@ class Store:
         # (and so FIFO order) are still given in the caller's order.
         first_with_key: dict[str, int] = {}
         slot_of_job: list[int] = []
-        ids = [uuid7() for _ in jobs]
+        ids = uuid7_many(len(jobs))
         order = sorted(
             range(len(jobs)), key=lambda i: (jobs[i].unique_key is None, jobs[i].unique_key or "")
         )
@@ -433,6 +460,66 @@ class Store:
             results.append(result)
         return [results[position[i]] for i in range(len(results))]
 
+    def _push_copy(
+        self, jobs: Sequence[Job], require_queues: bool, notify: bool
+    ) -> Op[list[PushResult] | list[str]]:
+        """Many jobs without unique keys: COPY them in (no dedup to resolve, so every job
+        is inserted under the id made here). Several statements: run it in a transaction
+        (push_many does) for all-or-nothing."""
+        dumps = self.dumps
+        due_now: list[str] = []
+        scheduled: list[tuple[Any, ...]] = []
+        first_due: dict[str, Any] = {}
+        ids = uuid7_many(len(jobs))
+        for job, job_id in zip(jobs, ids, strict=True):
+            row = (
+                job_id,
+                job.queue,
+                job.func,
+                dumps(job.kwargs, f"kwargs of {job.func}"),
+                dumps(job.meta, f"meta of {job.func}") if job.meta else "{}",
+                json.dumps([limit.to_dict() for limit in job.limits]) if job.limits else "[]",
+                job.priority,
+                job.max_attempts,
+                job.concurrency_key,
+            )
+            when = job.scheduled_at
+            key = job.concurrency_key
+            if when is None:
+                # Formatted here: the common case, and much cheaper than row by row.
+                due_now.append(
+                    f"{job_id}\t{copy_text(row[1])}\t{copy_text(row[2])}\t"
+                    f"{copy_text(row[3])}\t{copy_text(row[4])}\t{copy_text(row[5])}\t"
+                    f"{int(job.priority)}\t{int(job.max_attempts)}\t"
+                    f"{_COPY_NULL if key is None else copy_text(key)}\n"
+                )
+                first_due[job.queue] = None
+            else:
+                scheduled.append((*row, when))
+                if job.queue not in first_due:
+                    first_due[job.queue] = when
+                elif first_due[job.queue] is not None:
+                    first_due[job.queue] = min(first_due[job.queue], when)
+        queues = sorted(first_due)
+        if require_queues:
+            rows = yield self.q("perf_push_missing_queues"), {"queue": queues}
+            if rows:
+                return sorted(r["missing_queue"] for r in rows)
+        if due_now:
+            yield self.q("perf_push_copy_jobs_due_now"), CopyRows(text="".join(due_now))
+        if scheduled:
+            yield self.q("perf_push_copy_jobs"), CopyRows(scheduled)
+        if notify:
+            yield (
+                self.q("perf_push_notify"),
+                {
+                    "channel": self.channel,
+                    "queue": queues,
+                    "first_due": [first_due[q] for q in queues],
+                },
+            )
+        return [PushResult(Reference(job_id), True) for job_id in ids]
+
     def _push_one(
         self, job: Job, require_queues: bool, notify: bool
     ) -> Op[list[PushResult] | list[str]]:
@@ -452,7 +539,8 @@ class Store:
             "notify": notify,
             "channel": self.channel,
         }
-        rows = yield self.q("push_job_one"), params
+        query = "push_job_one" if job.unique_key is not None else "perf_push_job_one_plain"
+        rows = yield self.q(query), params
         if not rows:
             return [job.queue]
         return [PushResult(Reference(rows[0]["id"]), bool(rows[0]["inserted"]))]
@@ -804,8 +892,17 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
         try:
             statement = next(op)
             while True:
-                await cur.execute(statement[0], statement[1])
-                rows = await cur.fetchall() if cur.description is not None else []
+                query, params = statement
+                if isinstance(params, CopyRows):
+                    async with cur.copy(query) as copy:
+                        if params.text:
+                            await copy.write(params.text)
+                        for values in params.rows:
+                            await copy.write_row(values)
+                    rows = []
+                else:
+                    await cur.execute(query, params)
+                    rows = await cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
             return typing.cast(T, stop.value)
@@ -816,26 +913,29 @@ async def arun_pipelined(conn: psycopg.AsyncConnection[Any], ops: Sequence[Op[An
     is its own transaction on an autocommit connection. Returns their results in order."""
     results: list[Any] = [None] * len(ops)
     started: list[tuple[int, psycopg.AsyncCursor[Row]]] = []
-    async with conn.pipeline() as pipeline:
+    # Leaving the block sends the one Sync and reads every result: an explicit sync()
+    # inside it would cost a second round trip (the exit always syncs again).
+    async with conn.pipeline():
         for index, op in enumerate(ops):
             try:
                 statement = next(op)
             except StopIteration as stop:
                 results[index] = stop.value
                 continue
+            if isinstance(statement[1], CopyRows):
+                raise RuntimeError("arun_pipelined cannot run COPY")
             cur = conn.cursor(row_factory=dict_row)
             await cur.execute(statement[0], statement[1])
             started.append((index, cur))
-        await pipeline.sync()
-        for index, cur in started:
-            rows = await cur.fetchall() if cur.description is not None else []
-            try:
-                ops[index].send(rows)
-            except StopIteration as stop:
-                results[index] = stop.value
-            else:
-                raise RuntimeError("arun_pipelined takes single-statement operations only")
-            await cur.close()
+    for index, cur in started:
+        rows = await cur.fetchall() if cur.description is not None else []
+        try:
+            ops[index].send(rows)
+        except StopIteration as stop:
+            results[index] = stop.value
+        else:
+            raise RuntimeError("arun_pipelined takes single-statement operations only")
+        await cur.close()
     return results
 
 
@@ -846,8 +946,17 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
         try:
             statement = next(op)
             while True:
-                cur.execute(statement[0], statement[1])
-                rows = cur.fetchall() if cur.description is not None else []
+                query, params = statement
+                if isinstance(params, CopyRows):
+                    with cur.copy(query) as copy:
+                        if params.text:
+                            copy.write(params.text)
+                        for values in params.rows:
+                            copy.write_row(values)
+                    rows = []
+                else:
+                    cur.execute(query, params)
+                    rows = cur.fetchall() if cur.description is not None else []
                 statement = op.send(rows)
         except StopIteration as stop:
             return typing.cast(T, stop.value)
