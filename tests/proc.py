@@ -134,6 +134,9 @@ class WorkerProcess:
 class Workers:
     """Starts acceptance workers and kills every one of them (and their children) on exit."""
 
+    #: The worker program each process runs (``python -m <module>``).
+    module = "tests.worker_main"
+
     def __init__(self, python: str, env: dict[str, str]) -> None:
         self.python = python
         self.env = env
@@ -142,7 +145,7 @@ class Workers:
     def spawn(self, worker_id: str | None = None, *flags: str, **settings: Any) -> WorkerProcess:
         """Start a worker without waiting for it; ``settings`` become ``--option value``."""
         worker_id = worker_id or f"w-{uuid.uuid4().hex[:10]}"
-        args = [self.python, "-m", "tests.worker_main", "--worker-id", worker_id]
+        args = [self.python, "-m", self.module, "--worker-id", worker_id]
         for key, value in settings.items():
             values = value if isinstance(value, list | tuple) else [value]
             for item in values:

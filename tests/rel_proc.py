@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import collections
 import os
-import subprocess
-import uuid
 from pathlib import Path
 from typing import Any
 
-from tests.proc import ROOT, WorkerProcess, Workers, journal
+from tests.proc import Workers, journal
 
 #: ``pytest -m long`` (scripts/chaos) runs the long modes; CI runs the short ones.
 LONG = os.environ.get("CHANCY_CHAOS_LONG") == "1"
@@ -19,27 +17,7 @@ LONG = os.environ.get("CHANCY_CHAOS_LONG") == "1"
 class RelWorkers(Workers):
     """Like :class:`tests.proc.Workers`, running ``tests.rel_worker`` with its options."""
 
-    def spawn(self, worker_id: str | None = None, *flags: str, **settings: Any) -> WorkerProcess:
-        worker_id = worker_id or f"w-{uuid.uuid4().hex[:10]}"
-        args = [self.python, "-m", "tests.rel_worker", "--worker-id", worker_id]
-        for key, value in settings.items():
-            values = value if isinstance(value, list | tuple) else [value]
-            for item in values:
-                args += [f"--{key.replace('_', '-')}", str(item)]
-        args += flags
-        popen = subprocess.Popen(
-            args,
-            env=self.env,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        process = WorkerProcess(worker_id, popen)
-        self.started.append(process)
-        return process
+    module = "tests.rel_worker"
 
 
 def run_counts(path: Path) -> tuple[collections.Counter[str], collections.Counter[str]]:
