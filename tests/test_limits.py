@@ -7,8 +7,8 @@ import asyncio
 import collections
 import contextlib
 import datetime as dt
-import time
-from collections.abc import AsyncIterator, Callable
+import functools
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -18,6 +18,7 @@ from chancy import Chancy, Job, Queue, QueuedJob, Worker
 from chancy.errors import JobValidationError, QueueValidationError
 from chancy.store import Claim, Store, arun
 from tests.proc import worker_processes
+from tests.test_worker import poll as worker_poll
 
 ASYNC = Chancy.Executor.Async
 #: A rate window no test run crosses (windows are aligned on multiples since the epoch).
@@ -43,17 +44,8 @@ async def workers(app: Chancy, count: int, **kwargs: Any) -> AsyncIterator[list[
         yield started
 
 
-async def poll(check: Callable[[], Any], timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        outcome = check()
-        if asyncio.iscoroutine(outcome):
-            outcome = await outcome
-        if outcome:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.02)
+# The workers here share one queue's limits, so conditions can take a little longer.
+poll = functools.partial(worker_poll, timeout=20)
 
 
 async def claim(app: Chancy, queue: str, worker_id: str, limit: int) -> Claim:
