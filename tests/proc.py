@@ -244,12 +244,16 @@ async def lease(chancy: Chancy) -> dict[str, Any] | None:
 
 
 async def backends(chancy: Chancy, worker_id: str) -> list[dict[str, Any]]:
-    """The server backends of worker ``worker_id`` (found by its application_name)."""
+    """The server backends of worker ``worker_id`` (found by its application_name).
+
+    ``state_age`` is how many seconds the backend has been in its current state.
+    """
     from tests.worker_main import application_name
 
     return await query(
         chancy,
-        "SELECT pid, state, query, backend_start FROM pg_stat_activity "
+        "SELECT pid, state, query, backend_start, "
+        "extract(epoch FROM now() - state_change)::float AS state_age FROM pg_stat_activity "
         "WHERE application_name = %(app)s",
         {"app": application_name(worker_id)},
     )

@@ -495,6 +495,17 @@ async def test_leader_kill_9_repeatedly_long(chancy: Chancy, workers: RelWorkers
 # -- 9. locks and statement timeouts ---------------------------------------------------
 
 
+def left_in_transaction(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Backends idle inside a transaction for over a second.
+
+    A live transaction is briefly "idle in transaction" between its statements (one client
+    round trip, e.g. right after BEGIN), so only a transaction left open counts.
+    """
+    return [
+        r for r in rows if r["state"].startswith("idle in transaction") and r["state_age"] > 1.0
+    ]
+
+
 @pytest.mark.parametrize("statement_timeout", [None, "300ms"], ids=["no-timeout", "timeout"])
 async def test_table_lock_held_for_seconds(
     chancy: Chancy,
@@ -528,16 +539,17 @@ async def test_table_lock_held_for_seconds(
             )
             held = time.monotonic()
             while time.monotonic() - held < 3:
-                rows = await backends(chancy, worker.worker_id)
-                in_transaction += [r for r in rows if r["state"].startswith("idle in transaction")]
+                in_transaction += left_in_transaction(await backends(chancy, worker.worker_id))
                 await asyncio.sleep(0.1)
         released = time.monotonic()
         done = await chancy.wait_for_jobs(during, timeout=15)
         print(f"lock released: jobs done {time.monotonic() - released:.2f} s later")
         assert {j.state for j in done} == {"succeeded"} and len(done) == 5
-        for _ in range(10):
-            rows = await backends(chancy, worker.worker_id)
-            in_transaction += [r for r in rows if r["state"].startswith("idle in transaction")]
+        # A leaked transaction stays idle: sample long enough for one that began at the
+        # release to pass the age threshold.
+        sampled = time.monotonic()
+        while time.monotonic() - sampled < 1.5:
+            in_transaction += left_in_transaction(await backends(chancy, worker.worker_id))
             await asyncio.sleep(0.05)
         assert in_transaction == []
         assert worker.alive, worker.output()
