@@ -71,9 +71,10 @@ class Reference:
     It hashes like its string, so ``{ref: ...}.get(str(ref))`` works (a bare UUID key
     does not find it)."""
 
-    __slots__ = ("_id",)
+    __slots__ = ("_hash", "_id")
 
     def __init__(self, identifier: str | uuid.UUID | Reference) -> None:
+        self._hash: int | None = None
         if isinstance(identifier, Reference):
             self._id: uuid.UUID = identifier._id
         elif isinstance(identifier, uuid.UUID):
@@ -107,8 +108,15 @@ class Reference:
         return NotImplemented
 
     def __hash__(self) -> int:
-        # Hashes as its string, so a dict keyed by references finds str(ref) too.
-        return hash(str(self._id))
+        # Hashes as its string, so a dict keyed by references finds str(ref) too; cached,
+        # since formatting the UUID is most of the cost and workers hash each job often.
+        if self._hash is None:
+            self._hash = hash(str(self._id))
+        return self._hash
+
+    def __reduce__(self) -> tuple[type[Reference], tuple[uuid.UUID]]:
+        # The cached hash is per process (str hashing is salted): never carry it along.
+        return (Reference, (self._id,))
 
     def __str__(self) -> str:
         return str(self._id)

@@ -105,6 +105,7 @@ class Executor(abc.ABC):
         self._starting: set[asyncio.Future[None]] = set()
         self._filling = False
         self._deadlines: dict[Reference, asyncio.TimerHandle] = {}
+        self._progress_lock = threading.Lock()
         self.slot_freed = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
@@ -236,29 +237,39 @@ class Executor(abc.ABC):
         """A sink for :func:`chancy.report_progress` calls made while ``job`` runs, from
         the event loop or from any thread. Reports from threads are coalesced: at most
         one hop to the loop is pending per job, carrying the latest report."""
-        worker = self.worker
-        loop = asyncio.get_running_loop()
-        loop_thread = threading.get_ident()
-        lock = threading.Lock()
-        latest: list[tuple[float, str | None]] = []
+        return _JobProgressSink(self.worker, job, self._progress_lock)
 
-        def deliver() -> None:
-            with lock:
-                report = latest.pop()
-            worker.set_progress(job, *report)
 
-        def sink(percent: float, message: str | None) -> None:
-            if threading.get_ident() == loop_thread:
-                worker.set_progress(job, percent, message)
-                return
-            with lock:
-                scheduled = bool(latest)
-                latest[:] = [(percent, message)]
-            if not scheduled:
-                with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                    loop.call_soon_threadsafe(deliver)
+class _JobProgressSink:
+    """The progress sink of one running job (see :meth:`Executor.progress_sink`). Made for
+    every job, so it is a small slotted object: the cost falls on the reports."""
 
-        return sink
+    __slots__ = ("job", "latest", "lock", "loop", "loop_thread", "worker")
+
+    def __init__(self, worker: Worker, job: QueuedJob, lock: threading.Lock) -> None:
+        self.worker = worker
+        self.job = job
+        self.loop = asyncio.get_running_loop()
+        self.loop_thread = threading.get_ident()
+        self.lock = lock
+        self.latest: tuple[float, str | None] | None = None
+
+    def __call__(self, percent: float, message: str | None) -> None:
+        if threading.get_ident() == self.loop_thread:
+            self.worker.set_progress(self.job, percent, message)
+            return
+        with self.lock:
+            scheduled = self.latest is not None
+            self.latest = (percent, message)
+        if not scheduled:
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self.lock:
+            report, self.latest = self.latest, None
+        if report is not None:
+            self.worker.set_progress(self.job, *report)
 
 
 def interrupt_message(kind: Kind, job: QueuedJob) -> str:
