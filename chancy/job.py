@@ -114,7 +114,7 @@ class Reference:
             self._hash = hash(str(self._id))
         return self._hash
 
-    def __reduce__(self) -> tuple[type[Reference], tuple[uuid.UUID]]:
+    def __reduce__(self) -> tuple[type[Reference], tuple[object]]:
         # The cached hash is per process (str hashing is salted): never carry it along.
         return (Reference, (self._id,))
 
