@@ -568,37 +568,60 @@ class Store:
         jobs.sort(key=lambda j: (-j.priority, j.scheduled_at, j.id.uuid))
         return Claim(jobs, retry_in)
 
-    def complete_jobs(self, worker_id: str, outcomes: Sequence[Outcome]) -> Op[set[Reference]]:
-        """Record outcomes in one statement; returns the jobs whose claim still held.
-        The statement also sends one NOTIFY on :attr:`done_channel` for the batch."""
+    def complete_jobs(
+        self, worker_id: str, outcomes: Sequence[Outcome], *, held: bool = True
+    ) -> Op[set[Reference]]:
+        """Record outcomes in one statement; returns the jobs whose claim still held
+        (always empty with ``held=False``, which saves reading them back). The
+        statement also sends one NOTIFY on :attr:`done_channel` for the batch."""
         if not outcomes:
             return set()
         lenient = self.dumps_lenient
+        # The usual batch is all successes without meta changes, results or progress:
+        # those columns go as one NULL each (the statement's unnest pads them) instead
+        # of arrays of NULLs that psycopg would dump element by element.
+        plain = all(
+            o.error is None
+            and o.meta is None
+            and o.result is None
+            and o.encoded_result is None
+            and o.progress is None
+            and not o.refund
+            and not o.delay
+            for o in outcomes
+        )
         params: dict[str, Any] = {
             "worker_id": worker_id,
             "id": [o.job.id.uuid for o in outcomes],
             "attempt": [o.job.attempts for o in outcomes],
             "state": [o.state for o in outcomes],
-            "delay": [_safe_delay(o.delay) for o in outcomes],
-            "refund": [1 if o.refund else 0 for o in outcomes],
-            "error": [
-                None
-                if o.error is None
-                else lenient({"attempt": o.job.attempts, "traceback": o.error})
-                for o in outcomes
-            ],
-            "meta": [None if o.meta is None else lenient(o.meta) for o in outcomes],
-            "result": [
-                o.encoded_result
-                if o.encoded_result is not None
-                else (None if o.result is None else lenient(o.result))
-                for o in outcomes
-            ],
-            "progress": [None if o.progress is None else lenient(o.progress) for o in outcomes],
             "started_at": [o.job.started_at for o in outcomes],
             "notify": self.notify_completions,
             "channel": self.done_channel,
+            "held": held,
         }
+        if plain:
+            for column in ("delay", "refund", "error", "meta", "result", "progress"):
+                params[column] = None
+        else:
+            params.update(
+                delay=[_safe_delay(o.delay) for o in outcomes],
+                refund=[1 if o.refund else 0 for o in outcomes],
+                error=[
+                    None
+                    if o.error is None
+                    else lenient({"attempt": o.job.attempts, "traceback": o.error})
+                    for o in outcomes
+                ],
+                meta=[None if o.meta is None else lenient(o.meta) for o in outcomes],
+                result=[
+                    o.encoded_result
+                    if o.encoded_result is not None
+                    else (None if o.result is None else lenient(o.result))
+                    for o in outcomes
+                ],
+                progress=[None if o.progress is None else lenient(o.progress) for o in outcomes],
+            )
         rows = yield self.q("complete_jobs_batch"), params
         return {Reference(r["id"]) for r in rows if r["id"] is not None}
 
@@ -823,20 +846,27 @@ def _dumps_lenient(value: Any) -> str:
 
 
 def row_to_job(row: Row) -> QueuedJob:
-    """Build a :class:`QueuedJob` from a jobs row."""
-    return QueuedJob(
+    """Build a :class:`QueuedJob` from a jobs row.
+
+    The row comes from the database, which enforces the job's invariants, so the fields
+    are set directly rather than through the validating constructor: a worker builds
+    one per claimed job.
+    """
+    limits = row["limits"]
+    job = object.__new__(QueuedJob)
+    job.__dict__.update(
         id=Reference(row["id"]),
         queue=row["queue"],
         func=row["func"],
         kwargs=row["kwargs"],
         meta=row["meta"] if row["meta"] is not None else {},
-        limits=[Limit.from_dict(limit) for limit in row["limits"] or ()],
+        limits=[Limit.from_dict(limit) for limit in limits] if limits else [],
         priority=row["priority"],
         max_attempts=row["max_attempts"],
         unique_key=row["unique_key"],
         concurrency_key=row.get("concurrency_key"),
         scheduled_at=row["scheduled_at"],
-        state=QueuedJob.State(row["state"]),
+        state=_STATES[row["state"]],
         attempts=row["attempts"],
         created_at=row["created_at"],
         started_at=row.get("started_at"),
@@ -846,6 +876,10 @@ def row_to_job(row: Row) -> QueuedJob:
         taken_by=row.get("taken_by"),
         progress=row.get("progress"),
     )
+    return job
+
+
+_STATES = {state.value: state for state in QueuedJob.State}
 
 
 def row_to_queue(row: Row) -> Queue:

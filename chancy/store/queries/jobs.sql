@@ -75,14 +75,17 @@ SELECT * FROM {fetch_jobs}(%(queue)s, %(worker_id)s, %(limit)s)
 -- time, worker, still running): a late outcome from a worker that lost the job, or one
 -- written twice, changes nothing. One NOTIFY for the whole batch wakes result waiters; it
 -- names the jobs (never their data) when there are few enough to fit a payload.
+-- A column that is NULL (or 0) for every outcome may be sent as one NULL instead of an
+-- array: unnest pads it.
 WITH done AS (
     UPDATE {jobs} AS j
     SET state = o.state,
         completed_at = CASE WHEN o.state IN ('succeeded', 'failed', 'cancelled') THEN now() END,
         scheduled_at = CASE
-            WHEN o.state IN ('pending', 'retrying') THEN now() + make_interval(secs => o.delay)
+            WHEN o.state IN ('pending', 'retrying')
+                THEN now() + make_interval(secs => coalesce(o.delay, 0))
             ELSE j.scheduled_at END,
-        attempts = j.attempts - o.refund,
+        attempts = j.attempts - coalesce(o.refund, 0),
         errors = CASE WHEN o.error IS NULL THEN j.errors
                       ELSE j.errors || jsonb_build_array(o.error::jsonb) END,
         meta = coalesce(o.meta::jsonb, j.meta),
@@ -113,7 +116,7 @@ WITH done AS (
     FROM done AS d
     HAVING %(notify)s AND count(*) > 0
 )
-SELECT d.id FROM done AS d
+SELECT d.id FROM done AS d WHERE %(held)s
 UNION ALL
 SELECT NULL FROM (SELECT count(*) AS n FROM notified) AS c WHERE c.n < 0
 
