@@ -49,9 +49,13 @@ class AsyncExecutor(Executor):
     async def _run(self, job: QueuedJob) -> None:
         limit: asyncio.Timeout | None = None
         token = install_sink(self.progress_sink(job))
+        seconds = time_limit(job) if job.limits else None
         try:
-            async with asyncio.timeout(time_limit(job)) as limit:
+            if seconds is None:
                 result, recorded = await self._call(job)
+            else:
+                async with asyncio.timeout(seconds) as limit:
+                    result, recorded = await self._call(job)
         except asyncio.CancelledError:
             kind = self._why.pop(job.id, Kind.INTERRUPTED)
             self.report(job, kind, error=interrupt_message(kind, job), meta=dict(job.meta))

@@ -106,6 +106,8 @@ class Executor(abc.ABC):
         self._filling = False
         self._deadlines: dict[Reference, asyncio.TimerHandle] = {}
         self._progress_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self.slot_freed = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
@@ -237,39 +239,40 @@ class Executor(abc.ABC):
         """A sink for :func:`chancy.report_progress` calls made while ``job`` runs, from
         the event loop or from any thread. Reports from threads are coalesced: at most
         one hop to the loop is pending per job, carrying the latest report."""
-        return _JobProgressSink(self.worker, job, self._progress_lock)
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop_thread = threading.get_ident()
+        return _JobProgressSink(self, job)
 
 
 class _JobProgressSink:
     """The progress sink of one running job (see :meth:`Executor.progress_sink`). Made for
-    every job, so it is a small slotted object: the cost falls on the reports."""
+    every job, so it only holds references: the cost falls on the reports."""
 
-    __slots__ = ("job", "latest", "lock", "loop", "loop_thread", "worker")
+    __slots__ = ("executor", "job", "latest")
 
-    def __init__(self, worker: Worker, job: QueuedJob, lock: threading.Lock) -> None:
-        self.worker = worker
+    def __init__(self, executor: Executor, job: QueuedJob) -> None:
+        self.executor = executor
         self.job = job
-        self.loop = asyncio.get_running_loop()
-        self.loop_thread = threading.get_ident()
-        self.lock = lock
         self.latest: tuple[float, str | None] | None = None
 
     def __call__(self, percent: float, message: str | None) -> None:
-        if threading.get_ident() == self.loop_thread:
-            self.worker.set_progress(self.job, percent, message)
+        executor = self.executor
+        if threading.get_ident() == executor._loop_thread:
+            executor.worker.set_progress(self.job, percent, message)
             return
-        with self.lock:
+        with executor._progress_lock:
             scheduled = self.latest is not None
             self.latest = (percent, message)
-        if not scheduled:
+        if not scheduled and executor._loop is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                self.loop.call_soon_threadsafe(self._deliver)
+                executor._loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
-        with self.lock:
+        with self.executor._progress_lock:
             report, self.latest = self.latest, None
         if report is not None:
-            self.worker.set_progress(self.job, *report)
+            self.executor.worker.set_progress(self.job, *report)
 
 
 def interrupt_message(kind: Kind, job: QueuedJob) -> str:
