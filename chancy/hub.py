@@ -30,13 +30,18 @@ class Hub:
 
     def emit(self, name: str, payload: Any = None) -> None:
         """Announce ``name``; wakes waiters and schedules async handlers."""
-        for future in self._waiters.pop(name, []):
-            if not future.done():
-                future.set_result(payload)
-        for handler in list(self._handlers.get(name, ())):
+        waiters = self._waiters.pop(name, None)
+        if waiters:
+            for future in waiters:
+                if not future.done():
+                    future.set_result(payload)
+        handlers = self._handlers.get(name)
+        if not handlers:
+            return
+        for handler in tuple(handlers):
             try:
                 outcome = handler(name, payload)
-                if asyncio.iscoroutine(outcome):
+                if outcome is not None and asyncio.iscoroutine(outcome):
                     task = asyncio.ensure_future(outcome)
                     task.add_done_callback(_log_failure)
             except Exception:

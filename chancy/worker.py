@@ -566,7 +566,7 @@ class Worker:
                     _, jobs = await store_module.arun_pipelined(
                         conn,
                         [
-                            store.complete_jobs(self.worker_id, batch),
+                            store.complete_jobs(self.worker_id, batch, held=False),
                             store.claim_jobs(name, self.worker_id, limit),
                         ],
                     )
@@ -609,8 +609,10 @@ class Worker:
             error = "chancy.errors.ChancyError: a plugin failed before the job started\n"
             self._queue_outcome(self._outcome_for(Execution(claimed, Kind.ERROR, error=error)))
             return
-        await executor.push(job)
+        # Announced before the push: a job that ends within it (fails to start) is
+        # then always announced as started before it is announced as completed.
         self.hub.emit("job.started", job)
+        await executor.push(job)
 
     # -- outcomes ---------------------------------------------------------------------
 
@@ -765,7 +767,7 @@ class Worker:
         if not batch:
             return
         try:
-            await self.run_op(self.chancy.store.complete_jobs(self.worker_id, batch))
+            await self.run_op(self.chancy.store.complete_jobs(self.worker_id, batch, held=False))
         except BaseException:
             self._return_outcomes(batch)
             raise

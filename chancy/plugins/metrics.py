@@ -181,9 +181,9 @@ class Metrics(Plugin):
 
     # -- recording --------------------------------------------------------------------
 
-    async def on_job_starting(self, worker: Worker, job: QueuedJob) -> QueuedJob:
+    def _on_started(self, event: str, job: QueuedJob) -> None:
+        # A hub handler, like _on_completed: no coroutine per job.
         self._started[(job.id.uuid, job.attempts)] = time.monotonic()
-        return job
 
     def _on_completed(self, event: str, outcome: Outcome) -> None:
         # A hub handler rather than on_job_completed: the worker calls it synchronously
@@ -203,6 +203,8 @@ class Metrics(Plugin):
     # -- the service ------------------------------------------------------------------
 
     async def run(self, worker: Worker, chancy: Chancy) -> None:
+        worker.hub.remove("job.started", self._on_started)
+        worker.hub.on("job.started", self._on_started)
         worker.hub.remove("job.completed", self._on_completed)
         worker.hub.on("job.completed", self._on_completed)
         self._workers.add(worker.worker_id)
