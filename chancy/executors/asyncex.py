@@ -44,7 +44,11 @@ class AsyncExecutor(Executor):
         self._threads = ElasticThreadPool(f"chancy-async-{self.queue.name}")
 
     async def start_job(self, job: QueuedJob) -> None:
+        self.start_job_nowait(job)
+
+    def start_job_nowait(self, job: QueuedJob) -> bool:
         self._tasks[job.id] = asyncio.create_task(self._run(job))
+        return True
 
     async def _run(self, job: QueuedJob) -> None:
         limit: asyncio.Timeout | None = None

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -101,7 +100,9 @@ class Executor(abc.ABC):
         self.prefetch = prefetch
         #: Claimed jobs, started or waiting in the prefetch buffer.
         self.running: dict[Reference, QueuedJob] = {}
-        self._buffer: collections.deque[QueuedJob] = collections.deque()
+        # Insertion-ordered (FIFO); keyed so that a job cancelled while it waits leaves
+        # in O(1).
+        self._buffer: dict[Reference, QueuedJob] = {}
         self._starting: set[asyncio.Future[None]] = set()
         self._filling = False
         self._deadlines: dict[Reference, asyncio.TimerHandle] = {}
@@ -146,9 +147,10 @@ class Executor(abc.ABC):
         self.running[job.id] = job
         self.idle.clear()
         if len(self.running) - len(self._buffer) > self.concurrency:
-            self._buffer.append(job)
+            self._buffer[job.id] = job
             return
-        await self._start(job)
+        if not self._start_nowait(job):
+            await self._start(job)
 
     async def _start(self, job: QueuedJob) -> None:
         if self.running.get(job.id) is not job:
@@ -162,9 +164,21 @@ class Executor(abc.ABC):
         except Exception:
             self.report(job, Kind.ERROR, error=traceback.format_exc())
 
+    def _start_nowait(self, job: QueuedJob) -> bool:
+        try:
+            return self.start_job_nowait(job)
+        except Exception:
+            self.report(job, Kind.ERROR, error=traceback.format_exc())
+            return True
+
     @abc.abstractmethod
     async def start_job(self, job: QueuedJob) -> None:
         """Begin running ``job`` in this executor's way."""
+
+    def start_job_nowait(self, job: QueuedJob) -> bool:
+        """Begin running ``job`` without awaiting anything, if this executor can (then
+        True); False makes the caller await :meth:`start_job` instead."""
+        return False
 
     async def interrupt(self, ref: Reference, kind: Kind) -> None:
         """Stop a running job (cancel, time limit or shutdown). The default cannot
@@ -183,7 +197,7 @@ class Executor(abc.ABC):
         """Hand back every prefetched job not started yet (worker shutdown): reported
         INTERRUPTED, so it returns to the queue without using up its attempt."""
         while self._buffer:
-            job = self._buffer.popleft()
+            job = self._buffer.pop(next(iter(self._buffer)))
             self.report(job, Kind.INTERRUPTED, error=interrupt_message(Kind.INTERRUPTED, job))
 
     def _fill_slots(self) -> None:
@@ -196,7 +210,9 @@ class Executor(abc.ABC):
                 if self.worker.stopping.is_set():
                     self.release_buffered()
                     return
-                job = self._buffer.popleft()
+                job = self._buffer.pop(next(iter(self._buffer)))
+                if self._start_nowait(job):
+                    continue
                 started = asyncio.ensure_future(self._start(job))
                 self._starting.add(started)
                 started.add_done_callback(self._starting.discard)
@@ -218,8 +234,8 @@ class Executor(abc.ABC):
         if fields.get("exception") is None:
             fields["exception"] = kind_exception(kind)
         del self.running[job.id]
-        if self._buffer and job in self._buffer:  # cancelled before it started
-            self._buffer.remove(job)
+        if self._buffer:
+            self._buffer.pop(job.id, None)  # cancelled before it started
         timer = self._deadlines.pop(job.id, None)
         if timer is not None:
             timer.cancel()
