@@ -320,3 +320,33 @@ def test_copy_text_escapes_what_copy_would_misread() -> None:
     assert store_module.copy_text('{"a": "x\\\\y"}') == '{"a": "x\\\\\\\\y"}'
     assert store_module.copy_text("a\tb\nc\rd") == "a\\tb\\nc\\rd"
     assert store_module.copy_text("plain") == "plain"
+
+
+async def test_adaptive_prefetch_follows_the_pace_of_jobs(chancy: Chancy) -> None:
+    """Without a prefetch option the async executor holds ``concurrency`` extra claims
+    only while its jobs are short (each slot turns over >= SHORT_JOB_PACE times a
+    second); slow jobs are never held back from other workers."""
+    from chancy.executors.asyncex import AsyncExecutor
+
+    queue = Queue("pace", executor=Chancy.Executor.Async, concurrency=4)
+    executor = AsyncExecutor(worker_for(chancy), queue)
+    assert executor.prefetch == 0  # nothing measured yet
+    assert executor._pace_since is not None
+
+    def one_period(finished_per_slot_per_s: float) -> int:
+        # As if PACE_PERIOD * 4 seconds passed with this many jobs finishing.
+        span = executor.PACE_PERIOD * 4
+        assert executor._pace_since is not None
+        executor._pace_since -= span
+        executor._finished = int(finished_per_slot_per_s * span * executor.concurrency)
+        return executor.prefetch
+
+    assert one_period(executor.SHORT_JOB_PACE * 2) == 4
+    assert executor.capacity == 8
+    assert one_period(executor.SHORT_JOB_PACE / 4) == 0  # jobs got slow
+    assert executor.capacity == 4
+    # An explicit option is kept whatever the pace.
+    fixed = AsyncExecutor(worker_for(chancy), queue, prefetch=1)
+    fixed._finished = 10_000
+    assert fixed.prefetch == 1
+    assert fixed.prefetch == 1

@@ -13,6 +13,7 @@ import functools
 import importlib
 import inspect
 import threading
+import time
 import traceback
 import typing
 from collections.abc import Callable
@@ -82,6 +83,13 @@ class Executor(abc.ABC):
     #: multiple of ``concurrency`` (see :attr:`prefetch`; the ``prefetch`` option sets
     #: the count instead).
     default_prefetch_factor = 0
+    #: Without a ``prefetch`` option and with a factor of 0, the executor prefetches
+    #: ``concurrency`` jobs while its jobs are short: while it finishes at least this
+    #: many jobs per slot per second (each takes ~1/PACE s or less), so that the next
+    #: claim overlaps running the current jobs. Slow jobs are never held back.
+    SHORT_JOB_PACE = 10.0
+    #: How often (seconds) the pace is measured.
+    PACE_PERIOD = 0.25
 
     def __init__(
         self, worker: Worker, queue: Queue, concurrency: int | None = None, **options: Any
@@ -93,11 +101,11 @@ class Executor(abc.ABC):
         prefetch = options.get("prefetch", self.default_prefetch_factor * self.concurrency)
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
             raise ConfigurationError(f"prefetch must be an int >= 0, not {prefetch!r}")
-        #: How many claimed jobs may wait here for a free slot. They are ``running`` in
-        #: the database (claimed by this worker, heartbeated, recovered if it dies) but
-        #: not started: their time limit starts when they do, a cancellation or a
-        #: shutdown hands them back at once. It lets one fetch refill several slots.
-        self.prefetch = prefetch
+        self._fixed_prefetch = prefetch
+        self._adaptive = "prefetch" not in options and self.default_prefetch_factor == 0
+        self._short_jobs = False
+        self._finished = 0
+        self._pace_since: float | None = None
         #: Claimed jobs, started or waiting in the prefetch buffer.
         self.running: dict[Reference, QueuedJob] = {}
         # Insertion-ordered (FIFO); keyed so that a job cancelled while it waits leaves
@@ -112,6 +120,25 @@ class Executor(abc.ABC):
         self.slot_freed = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
+
+    @property
+    def prefetch(self) -> int:
+        """How many claimed jobs may wait here for a free slot. They are ``running`` in
+        the database (claimed by this worker, heartbeated, recovered if it dies) but not
+        started: their time limit starts when they do, a cancellation or a shutdown
+        hands them back at once. It lets one fetch refill several slots, and the next
+        claim overlap the current jobs (see :attr:`SHORT_JOB_PACE`)."""
+        if not self._adaptive:
+            return self._fixed_prefetch
+        now = time.monotonic()
+        if self._pace_since is None:
+            self._pace_since = now
+        elif now - self._pace_since >= self.PACE_PERIOD:
+            pace = self._finished / (now - self._pace_since) / self.concurrency
+            self._short_jobs = pace >= self.SHORT_JOB_PACE
+            self._finished = 0
+            self._pace_since = now
+        return self.concurrency if self._short_jobs else 0
 
     @property
     def capacity(self) -> int:
@@ -234,6 +261,7 @@ class Executor(abc.ABC):
         if fields.get("exception") is None:
             fields["exception"] = kind_exception(kind)
         del self.running[job.id]
+        self._finished += 1
         if self._buffer:
             self._buffer.pop(job.id, None)  # cancelled before it started
         timer = self._deadlines.pop(job.id, None)
