@@ -71,54 +71,14 @@ FROM inserted AS i
 SELECT * FROM {fetch_jobs}(%(queue)s, %(worker_id)s, %(limit)s)
 
 -- name: complete_jobs_batch
--- Records many outcomes at once. Each row is guarded by its claim (id, attempt, claim
--- time, worker, still running): a late outcome from a worker that lost the job, or one
--- written twice, changes nothing. One NOTIFY for the whole batch wakes result waiters; it
--- names the jobs (never their data) when there are few enough to fit a payload.
--- A column that is NULL (or 0) for every outcome may be sent as one NULL instead of an
--- array: unnest pads it.
-WITH done AS (
-    UPDATE {jobs} AS j
-    SET state = o.state,
-        completed_at = CASE WHEN o.state IN ('succeeded', 'failed', 'cancelled') THEN now() END,
-        scheduled_at = CASE
-            WHEN o.state IN ('pending', 'retrying')
-                THEN now() + make_interval(secs => coalesce(o.delay, 0))
-            ELSE j.scheduled_at END,
-        attempts = j.attempts - coalesce(o.refund, 0),
-        errors = CASE WHEN o.error IS NULL THEN j.errors
-                      ELSE j.errors || jsonb_build_array(o.error::jsonb) END,
-        meta = coalesce(o.meta::jsonb, j.meta),
-        result = o.result::jsonb,
-        progress = coalesce(o.progress::jsonb, j.progress)
-    FROM (
-        SELECT *
-        FROM unnest(
-            %(id)b::uuid[], %(attempt)b::integer[], %(state)b::text[], %(delay)b::float8[],
-            %(refund)b::integer[], %(error)b::text[], %(meta)b::text[], %(result)b::text[],
-            %(progress)b::text[], %(started_at)b::timestamptz[]
-        ) AS u(id, attempt, state, delay, refund, error, meta, result, progress, started_at)
-        OFFSET 0
-    ) AS o
-    WHERE j.id = o.id
-      AND j.state = 'running'
-      AND j.attempts = o.attempt
-      -- started_at is set at claim: it tells this claim from a later one by the same
-      -- worker at the same attempt count (after a refund).
-      AND j.started_at = o.started_at
-      -- Written so that no index on taken_by can serve it: every plan, even a generic one
-      -- on a table without statistics, must look outcomes up by primary key.
-      AND (j.taken_by = %(worker_id)s) IS TRUE
-    RETURNING j.id
-), notified AS (
-    SELECT pg_notify(%(channel)s, json_build_object(
-        'e', 'done', 'j', CASE WHEN count(*) <= 100 THEN json_agg(d.id) END)::text)
-    FROM done AS d
-    HAVING %(notify)s AND count(*) > 0
-)
-SELECT d.id FROM done AS d WHERE %(held)s
-UNION ALL
-SELECT NULL FROM (SELECT count(*) AS n FROM notified) AS c WHERE c.n < 0
+-- Records many outcomes at once, guarded by their claims (migration 0005 explains the
+-- function); returns the ids whose claim held when %(held)s.
+SELECT id FROM {complete_jobs}(
+    %(worker_id)s, %(id)b::uuid[], %(attempt)b::integer[], %(state)b::text[],
+    %(delay)b::float8[], %(refund)b::integer[], %(error)b::text[], %(meta)b::text[],
+    %(result)b::text[], %(progress)b::text[], %(started_at)b::timestamptz[], %(notify)s,
+    %(channel)s, %(held)s
+) AS id
 
 -- name: select_jobs_many
 SELECT id, queue, func, kwargs, meta, limits, priority, state, attempts, max_attempts,

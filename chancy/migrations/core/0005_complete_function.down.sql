@@ -1,0 +1,4 @@
+DROP FUNCTION {complete_jobs}(
+    text, uuid[], integer[], text[], float8[], integer[], text[], text[], text[], text[],
+    timestamptz[], boolean, text, boolean
+);
