@@ -350,3 +350,55 @@ async def test_adaptive_prefetch_follows_the_pace_of_jobs(chancy: Chancy) -> Non
     fixed._finished = 10_000
     assert fixed.prefetch == 1
     assert fixed.prefetch == 1
+
+
+# -- claim-guarded writes look jobs up by primary key -----------------------------------
+
+
+async def nested_plans(chancy: Chancy, op: Any) -> list[str]:
+    """Run a store operation on a fresh connection with auto_explain reporting the plans
+    of the statements inside functions (as NOTICEs); returns those plans."""
+    plans: list[str] = []
+    async with await psycopg.AsyncConnection.connect(chancy.dsn, autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+        await conn.execute("LOAD 'auto_explain'")
+        for setting in (
+            "auto_explain.log_min_duration = 0",
+            "auto_explain.log_nested_statements = on",
+            "auto_explain.log_level = 'notice'",
+        ):
+            await conn.execute(f"SET {setting}")
+        await store_module.arun(conn, op)
+    return plans
+
+
+@pytest.mark.parametrize("write", ["complete", "progress"])
+async def test_claim_guarded_writes_probe_the_primary_key(chancy: Chancy, write: str) -> None:
+    """Outcomes and progress are matched to their jobs one primary-key probe each. (On a
+    table without fresh statistics the plain statement was planned as a join that
+    rescanned the whole batch for every running job: quadratic in the batch.)"""
+    await chancy.declare(Queue("probe", executor=Chancy.Executor.Async))
+    for _ in range(60):
+        await chancy.push(Job(func="tests.jobs.noop", queue="probe"))
+    store = chancy.store
+    claim = await chancy._run(store.claim_jobs("probe", "probe-worker", 60))
+    assert len(claim.jobs) == 60
+    if write == "complete":
+        outcomes = [store_module.Outcome(job, "succeeded") for job in claim.jobs]
+        op: Any = store.complete_jobs("probe-worker", outcomes)
+    else:
+        op = store.update_progress(
+            "probe-worker", [(job, {"percent": 50, "message": None}) for job in claim.jobs]
+        )
+    plans = [plan for plan in await nested_plans(chancy, op) if "Update on" in plan]
+    assert len(plans) == 1, plans
+    plan = plans[0]
+    assert f"Index Scan using {chancy.prefix}jobs_pkey" in plan, plan
+    assert "Seq Scan" not in plan and "Bitmap" not in plan, plan
+    # And the writes took effect, each guarded by its claim.
+    held = await chancy._run(store.get_jobs([job.id for job in claim.jobs]))
+    if write == "complete":
+        assert {job.state for job in held} == {"succeeded"}
+    else:
+        assert {job.state for job in held} == {"running"}
+        assert all(job.progress == {"percent": 50, "message": None} for job in held)

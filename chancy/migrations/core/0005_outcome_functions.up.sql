@@ -62,3 +62,32 @@ SELECT d.id FROM done AS d WHERE p_held
 UNION ALL
 SELECT NULL FROM (SELECT count(*) AS n FROM notified) AS c WHERE c.n < 0
 $body$;
+
+-- Writes the latest progress of running jobs, each guarded by its claim like an outcome
+-- (Store.update_progress); returns the ids whose claim held. A function for the same
+-- planner settings: a progress batch is looked up by primary key, never by rescanning
+-- it for every running job.
+CREATE FUNCTION {update_progress}(
+    p_worker_id text, p_id uuid[], p_attempt integer[], p_started_at timestamptz[],
+    p_progress text[]
+)
+RETURNS SETOF uuid
+LANGUAGE sql
+VOLATILE
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $body$
+UPDATE {jobs} AS j
+SET progress = u.progress::jsonb
+FROM (
+    SELECT * FROM unnest(p_id, p_attempt, p_started_at, p_progress)
+        AS v(id, attempt, started_at, progress)
+    OFFSET 0
+) AS u
+WHERE j.id = u.id
+  AND (j.state = 'running') IS TRUE
+  AND j.attempts = u.attempt
+  AND j.started_at = u.started_at
+  AND (j.taken_by = p_worker_id) IS TRUE
+RETURNING j.id
+$body$;
