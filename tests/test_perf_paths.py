@@ -323,8 +323,8 @@ def test_copy_text_escapes_what_copy_would_misread() -> None:
 
 
 async def test_adaptive_prefetch_follows_the_pace_of_jobs(chancy: Chancy) -> None:
-    """Without a prefetch option the async executor holds ``concurrency`` extra claims
-    only while its jobs are short (each slot turns over >= SHORT_JOB_PACE times a
+    """Without a prefetch option the async executor holds extra claims (a multiple of
+    ``concurrency``) only while its jobs are short (each slot turns over >= SHORT_JOB_PACE times a
     second); slow jobs are never held back from other workers."""
     from chancy.executors.asyncex import AsyncExecutor
 
@@ -341,8 +341,8 @@ async def test_adaptive_prefetch_follows_the_pace_of_jobs(chancy: Chancy) -> Non
         executor._finished = int(finished_per_slot_per_s * span * executor.concurrency)
         return executor.prefetch
 
-    assert one_period(executor.SHORT_JOB_PACE * 2) == 4
-    assert executor.capacity == 8
+    assert one_period(executor.SHORT_JOB_PACE * 2) == 4 * executor.SHORT_JOB_PREFETCH
+    assert executor.capacity == 4 + 4 * executor.SHORT_JOB_PREFETCH
     assert one_period(executor.SHORT_JOB_PACE / 4) == 0  # jobs got slow
     assert executor.capacity == 4
     # An explicit option is kept whatever the pace.

@@ -84,10 +84,13 @@ class Executor(abc.ABC):
     #: the count instead).
     default_prefetch_factor = 0
     #: Without a ``prefetch`` option and with a factor of 0, the executor prefetches
-    #: ``concurrency`` jobs while its jobs are short: while it finishes at least this
-    #: many jobs per slot per second (each takes ~1/PACE s or less), so that the next
-    #: claim overlaps running the current jobs. Slow jobs are never held back.
+    #: ``SHORT_JOB_PREFETCH x concurrency`` jobs while its jobs are short: while it
+    #: finishes at least this many jobs per slot per second (each takes ~1/PACE s or
+    #: less), so that claims are large and the next one overlaps running the current
+    #: jobs. A prefetched job then waits about SHORT_JOB_PREFETCH / PACE s at most;
+    #: slow jobs are never held back.
     SHORT_JOB_PACE = 10.0
+    SHORT_JOB_PREFETCH = 2
     #: How often (seconds) the pace is measured.
     PACE_PERIOD = 0.25
 
@@ -138,7 +141,7 @@ class Executor(abc.ABC):
             self._short_jobs = pace >= self.SHORT_JOB_PACE
             self._finished = 0
             self._pace_since = now
-        return self.concurrency if self._short_jobs else 0
+        return self.SHORT_JOB_PREFETCH * self.concurrency if self._short_jobs else 0
 
     @property
     def capacity(self) -> int:
