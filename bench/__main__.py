@@ -55,6 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--no-peers", action="store_true", help="skip pgqueuer/procrastinate")
     parser.add_argument("--history-size", type=int, help="finished jobs for 'history'")
+    parser.add_argument("--memory-size", type=int, help="future and processed jobs for 'memory'")
     parser.add_argument("--drain-size", type=int, help="backlog size for the drain scenarios")
     parser.add_argument("--sustained-seconds", type=float, help="length of 'sustained'")
     parser.add_argument("--sustained-rate", type=float, help="offered jobs/s in 'sustained'")
@@ -68,6 +69,7 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
     sizes = SMOKE if args.smoke else QUICK if args.quick else FULL
     overrides = {
         "history_n": args.history_size,
+        "memory_n": args.memory_size,
         "drain_n": args.drain_size,
         "sustained_seconds": args.sustained_seconds,
         "sustained_rate": args.sustained_rate,

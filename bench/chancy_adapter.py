@@ -66,6 +66,17 @@ class ChancySystem(System):
         FROM generate_series(1, %s) AS g, (SELECT now() - interval '1 hour' AS t) AS c
     """
 
+    future_sql = """
+        INSERT INTO chancy_jobs (id, queue, func, kwargs, scheduled_at)
+        SELECT gen_random_uuid(), 'bench', 'bench.jobs.anoop', jsonb_build_object('n', g),
+               now() + interval '10 years'
+        FROM generate_series(1, %s) AS g
+    """
+    delete_future_sql = (
+        "DELETE FROM chancy_jobs "
+        "WHERE state = 'pending' AND scheduled_at > now() + interval '1 year'"
+    )
+
     def __init__(self, variant: Variant = ASYNC_TUNED) -> None:
         self.variant = variant
         self.chancy: Chancy | None = None

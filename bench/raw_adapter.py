@@ -31,6 +31,13 @@ class RawSystem(System):
         FROM generate_series(1, %s) AS g
     """
 
+    # The baseline has no scheduling: a waiting state its fetch never looks at stands in.
+    future_sql = """
+        INSERT INTO raw_jobs (payload, state)
+        SELECT jsonb_build_object('n', g), 'later' FROM generate_series(1, %s) AS g
+    """
+    delete_future_sql = "DELETE FROM raw_jobs WHERE state = 'later'"
+
     def __init__(self) -> None:
         self.conn: psycopg.AsyncConnection[Any] | None = None
 

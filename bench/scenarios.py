@@ -28,6 +28,7 @@ class Sizes:
     drain_n: int
     pickup_samples: int
     history_n: int
+    memory_n: int
     sustained_rate: float
     sustained_seconds: float
 
@@ -39,6 +40,7 @@ FULL = Sizes(
     drain_n=10_000,
     pickup_samples=200,
     history_n=1_000_000,
+    memory_n=1_000_000,
     sustained_rate=2_000,
     sustained_seconds=60,
 )
@@ -49,6 +51,7 @@ QUICK = Sizes(
     drain_n=400,
     pickup_samples=20,
     history_n=5_000,
+    memory_n=5_000,
     sustained_rate=200,
     sustained_seconds=2,
 )
@@ -62,6 +65,7 @@ SMOKE = Sizes(
     drain_n=40,
     pickup_samples=5,
     history_n=300,
+    memory_n=100,
     sustained_rate=50,
     sustained_seconds=1,
 )
@@ -211,6 +215,37 @@ async def worker_rss(env: Env, system: System) -> dict[str, float]:
     }
 
 
+async def memory(env: Env, system: System) -> dict[str, float]:
+    """Is the worker's memory flat? RSS idle on an empty table; with ``memory_n`` jobs
+    waiting scheduled far in the future (inserted with SQL, left for a few polls); and
+    after ``memory_n`` due jobs were pushed and processed (the future ones deleted
+    first). The growth figures are each system's own ratios to its idle RSS."""
+    n = env.sizes.memory_n
+    log = env.log_dir / f"{system.name}-memory.log"
+    settle_s = 0.3 if env.sizes == SMOKE else 3.0
+    async with running_worker(system.worker_args(env.dsn), log) as worker:
+        await asyncio.sleep(settle_s)
+        idle = worker.memory()
+        await env.conn.execute(system.future_sql, (n,))
+        await asyncio.sleep(settle_s)
+        future = worker.memory()
+        await env.conn.execute(system.delete_future_sql)
+        for start in range(0, n, 100_000):
+            await system.push_bulk(payloads(min(100_000, n - start), start), 5_000)
+            # Processed as they come: the backlog never holds more than one slice.
+            await wait_drained(env, system, worker, drain_timeout(100_000))
+        await asyncio.sleep(0.2)
+        after = worker.memory()
+    return {
+        "rss_idle_mb": idle["rss_mb"],
+        "rss_future_mb": future["rss_mb"],
+        "rss_processed_mb": after["rss_mb"],
+        "rss_peak_mb": after["hwm_mb"],
+        "future_vs_idle": future["rss_mb"] / idle["rss_mb"],
+        "processed_vs_idle": after["rss_mb"] / idle["rss_mb"],
+    }
+
+
 async def pickup(env: Env, system: System) -> dict[str, float]:
     """Idle worker; one job at a time. The job carries the wall-clock time taken just before
     the push call and, first thing when it runs, appends (now - sent) to a file: so the
@@ -350,6 +385,11 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("worker_rss", "worker RSS from /proc: idle, peak and after draining",
              (Metric("rss_idle_mb", "MiB", False), Metric("rss_peak_mb", "MiB", False),
               Metric("rss_after_mb", "MiB", False)), worker_rss),
+    Scenario("memory", "worker RSS with memory_n future jobs waiting, after memory_n done",
+             (Metric("rss_idle_mb", "MiB", False), Metric("rss_future_mb", "MiB", False),
+              Metric("rss_processed_mb", "MiB", False), Metric("rss_peak_mb", "MiB", False),
+              Metric("future_vs_idle", "x", False, ratio=False),
+              Metric("processed_vs_idle", "x", False, ratio=False)), memory),
     Scenario("history", "drain with history_n finished jobs vs an empty table",
              (Metric("jobs_per_s_empty", "jobs/s", True),
               Metric("jobs_per_s_history", "jobs/s", True),

@@ -23,6 +23,10 @@ class System(abc.ABC):
     latency_sql: str
     #: Insert ``%s`` already-finished jobs (the "history").
     history_sql: str
+    #: Insert ``%s`` jobs that wait far in the future (never due during a run).
+    future_sql: str
+    #: Delete the jobs ``future_sql`` inserted.
+    delete_future_sql: str
 
     @abc.abstractmethod
     async def open(self, dsn: str) -> None:
