@@ -152,6 +152,15 @@ class Worker:
     async def _serve_until_stopped(self) -> None:
         if not await self.chancy.is_up_to_date():
             raise MigrationsNeededError("the database needs migrations: run chancy.migrate()")
+        if not await self.run_op(self.chancy.store.autovacuum_enabled()):
+            # Every claim and completion leaves a dead row version behind: without
+            # vacuuming, the jobs table and its indexes grow and fetches slow down.
+            self.log.warning(
+                "worker %s: autovacuum is off for %sjobs; vacuum it regularly "
+                "(docs: deployment) or turn autovacuum on",
+                self.worker_id,
+                self.chancy.prefix,
+            )
         self._select_plugin_hooks()
         await self._heartbeat_once()
         installed = self._install_signal_handlers()

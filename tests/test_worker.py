@@ -584,3 +584,27 @@ async def test_dead_idle_child_is_replaced_without_using_an_attempt(chancy: Chan
     assert [(j.state, j.attempts, j.errors) for j in jobs] == [("succeeded", 1, [])] * 3
     # max_jobs_per_child=2: the three jobs needed at least two fresh children.
     assert len({j.result for j in jobs} - {idle.process.pid}) >= 2
+
+
+async def test_worker_warns_when_autovacuum_is_off_for_the_jobs_table(
+    chancy: Chancy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Dead row versions pile up without vacuum: a worker says so once, at start."""
+    from psycopg import sql
+
+    async with chancy.pool.connection() as conn:
+        table = sql.Identifier(chancy.prefix + "jobs")
+        await conn.execute(sql.SQL("ALTER TABLE {} SET (autovacuum_enabled = false)").format(table))
+    assert not await chancy._run(chancy.store.autovacuum_enabled())
+    with caplog.at_level("WARNING"):
+        async with serving(chancy) as worker:
+            await poll(lambda: any("autovacuum is off" in r.getMessage() for r in caplog.records))
+    warnings = [r for r in caplog.records if "autovacuum is off" in r.getMessage()]
+    assert len(warnings) == 1 and worker.worker_id in warnings[0].getMessage()
+    async with chancy.pool.connection() as conn:
+        await conn.execute(sql.SQL("ALTER TABLE {} RESET (autovacuum_enabled)").format(table))
+        server_on = await (
+            await conn.execute("SELECT current_setting('autovacuum') = 'on'")
+        ).fetchone()
+    # With the table option reset, only the server setting decides.
+    assert await chancy._run(chancy.store.autovacuum_enabled()) == bool(server_on and server_on[0])

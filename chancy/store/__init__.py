@@ -783,6 +783,11 @@ class Store:
             },
         )
 
+    def autovacuum_enabled(self) -> Op[bool]:
+        """Whether autovacuum runs for the jobs table (server setting and table option)."""
+        rows = yield self.q("autovacuum_status"), {"table": self.prefix + "jobs"}
+        return bool(rows and rows[0]["enabled"])
+
     def remove_worker(self, worker_id: str) -> Op[None]:
         """Forget a worker (on clean shutdown)."""
         yield self.q("delete_worker_one"), {"worker_id": worker_id}

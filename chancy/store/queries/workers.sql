@@ -43,3 +43,13 @@ DELETE FROM {leader} WHERE id = 1 AND worker_id = %(worker_id)s
 
 -- name: select_lease_one
 SELECT worker_id, acquired_at, expires_at, expires_at > now() AS valid FROM {leader} WHERE id = 1
+
+-- name: autovacuum_status
+-- Whether autovacuum looks after the jobs table: the server's setting and the table's own.
+SELECT current_setting('autovacuum') = 'on'
+       AND coalesce((
+           SELECT o.option_value::boolean
+           FROM pg_class AS c, pg_options_to_table(c.reloptions) AS o
+           WHERE c.oid = to_regclass(quote_ident(%(table)s))
+             AND o.option_name = 'autovacuum_enabled'
+       ), true) AS enabled
