@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import itertools
 import json
 import logging
 import select
@@ -34,7 +35,7 @@ from chancy.errors import (
 )
 from chancy.job import FINISHED_STATES, Job, QueuedJob, Reference, validate_queue_name
 from chancy.queue import Queue
-from chancy.signature import check_job_arguments
+from chancy.signature import check_job_arguments, has_signature
 from chancy.store import JsonDumps, JsonLoads, Op, PushResult, Store, default_json
 
 if TYPE_CHECKING:
@@ -487,15 +488,14 @@ class Chancy:
     async def push_many(
         self, jobs: Iterable[Job], *, batch_size: int = 1000
     ) -> AsyncIterator[list[Reference]]:
-        """Enqueue many jobs, one statement per batch; yields each batch's references."""
+        """Enqueue many jobs, one transaction per batch; yields each batch's references
+        once it is committed. A bad job fails its batch (nothing of it is stored)."""
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
-        for batch in _batches(jobs, batch_size):
-            # A big batch may go in with several statements (COPY): all or nothing.
-            op = self._push_op(batch)
-            atomic = len(batch) >= store_module.COPY_MIN_JOBS
-            result = self._check_push(await self._run(op, transaction=atomic))
-            yield [r.reference for r in result]
+        stream = iter(jobs)
+        for first in stream:
+            op = self._push_streamed_op(itertools.chain((first,), stream), batch_size)
+            yield await self._run(op, transaction=True)
 
     def sync_push_many(
         self, jobs: Iterable[Job], *, batch_size: int = 1000
@@ -503,11 +503,43 @@ class Chancy:
         """Sync twin of :meth:`push_many`."""
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
-        for batch in _batches(jobs, batch_size):
-            op = self._push_op(batch)
-            atomic = len(batch) >= store_module.COPY_MIN_JOBS
-            result = self._check_push(self._sync_run(op, transaction=atomic))
-            yield [r.reference for r in result]
+        stream = iter(jobs)
+        for first in stream:
+            op = self._push_streamed_op(itertools.chain((first,), stream), batch_size)
+            yield self._sync_run(op, transaction=True)
+
+    def _push_streamed_op(self, jobs: Iterator[Job], batch_size: int) -> Op[list[Reference]]:
+        """The store's streamed push of the next ``batch_size`` of ``jobs``, each job
+        checked and passed through the plugins' push hooks as the store reads it."""
+        return self.store.push_jobs_streamed(
+            self._prepared(itertools.islice(jobs, batch_size)),
+            require_queues=self.require_declared_queues,
+            notify=self.notifications,
+        )
+
+    def _prepared(self, jobs: Iterable[Job]) -> Iterator[Job]:
+        """What :meth:`_push_op` does to each job, lazily: type and signature checks,
+        then the plugins' ``on_job_pushing``. Whether a function has a signature to
+        check is looked up once per function."""
+        hooks = [
+            plugin.on_job_pushing
+            for plugin in self.plugins.values()
+            if type(plugin).on_job_pushing is not _plugin_base().on_job_pushing
+        ]
+        round_trip = self._round_trip
+        signed: dict[str, bool] = {}
+        for job in jobs:
+            if type(job) is not Job and not isinstance(job, Job):
+                raise JobValidationError(f"push() needs Job instances, not {job!r}")
+            func = job.func
+            check = signed.get(func)
+            if check is None:
+                check = signed[func] = has_signature(func)
+            if check:
+                check_job_arguments(job, round_trip)
+            for hook in hooks:
+                job = hook(job)
+            yield job
 
     async def push_many_ex(
         self,

@@ -164,22 +164,56 @@ class Limit:
         return cls(data["type"], data["value"])
 
 
-def _check_job_fields(job: Job) -> None:
-    if not isinstance(job.func, str) or len(job.func) > 1000 or not _FUNC_RE.fullmatch(job.func):
+#: Function paths and queue names already found valid (exact ``str`` only), so that a
+#: bulk push of one function to one queue matches each regex once, not once per job.
+_valid_funcs: set[str] = set()
+_valid_queues: set[str] = set()
+_VALID_NAMES_MAX = 10_000
+
+
+def _check_func(func: object) -> None:
+    if type(func) is str and func in _valid_funcs:
+        return
+    if not isinstance(func, str) or len(func) > 1000 or not _FUNC_RE.fullmatch(func):
         raise InvalidNameError(
-            f"invalid job function {job.func!r}: expected an import path like 'module.function'"
+            f"invalid job function {func!r}: expected an import path like 'module.function'"
         )
-    validate_queue_name(job.queue)
-    if isinstance(job.priority, bool) or not isinstance(job.priority, int):
-        raise JobValidationError(f"priority must be an int, not {job.priority!r}")
-    if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
+    if type(func) is str and len(_valid_funcs) < _VALID_NAMES_MAX:
+        _valid_funcs.add(func)
+
+
+def _check_queue(queue: object) -> None:
+    if type(queue) is str and queue in _valid_queues:
+        return
+    validate_queue_name(queue)
+    if type(queue) is str and len(_valid_queues) < _VALID_NAMES_MAX:
+        _valid_queues.add(queue)
+
+
+def _check_str_keys(mapping: object, what: str) -> None:
+    if type(mapping) is not dict and not isinstance(mapping, Mapping):
+        raise JobValidationError(f"{what} must be a mapping with str keys")
+    for key in mapping:
+        if type(key) is not str and not isinstance(key, str):
+            raise JobValidationError(f"{what} must be a mapping with str keys")
+
+
+def _check_job_fields(job: Job) -> None:
+    # Exact-type tests come first: they decide the common case without isinstance.
+    _check_func(job.func)
+    _check_queue(job.queue)
+    priority = job.priority
+    if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise JobValidationError(f"priority must be an int, not {priority!r}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise JobValidationError(
-            f"priority {job.priority} out of range [{PRIORITY_MIN}, {PRIORITY_MAX}]"
+            f"priority {priority} out of range [{PRIORITY_MIN}, {PRIORITY_MAX}]"
         )
-    if isinstance(job.max_attempts, bool) or not isinstance(job.max_attempts, int):
-        raise JobValidationError(f"max_attempts must be an int, not {job.max_attempts!r}")
-    if not 1 <= job.max_attempts <= _INT32_MAX:
-        raise JobValidationError(f"max_attempts must be >= 1, not {job.max_attempts}")
+    attempts = job.max_attempts
+    if type(attempts) is not int and (isinstance(attempts, bool) or not isinstance(attempts, int)):
+        raise JobValidationError(f"max_attempts must be an int, not {attempts!r}")
+    if not 1 <= attempts <= _INT32_MAX:
+        raise JobValidationError(f"max_attempts must be >= 1, not {attempts}")
     if job.scheduled_at is not None:
         if not isinstance(job.scheduled_at, dt.datetime):
             raise JobValidationError(f"scheduled_at must be a datetime, not {job.scheduled_at!r}")
@@ -187,11 +221,9 @@ def _check_job_fields(job: Job) -> None:
             raise JobValidationError(
                 "scheduled_at must be timezone-aware (e.g. datetime.now(timezone.utc))"
             )
-    if not isinstance(job.kwargs, Mapping) or not all(isinstance(k, str) for k in job.kwargs):
-        raise JobValidationError("kwargs must be a mapping with str keys")
-    if not isinstance(job.meta, Mapping) or not all(isinstance(k, str) for k in job.meta):
-        raise JobValidationError("meta must be a mapping with str keys")
-    if not all(isinstance(limit, Limit) for limit in job.limits):
+    _check_str_keys(job.kwargs, "kwargs")
+    _check_str_keys(job.meta, "meta")
+    if job.limits and not all(isinstance(limit, Limit) for limit in job.limits):
         raise JobValidationError("limits must be Limit instances")
     if job.unique_key is not None and (
         not isinstance(job.unique_key, str)
@@ -405,9 +437,10 @@ def job(
     return decorate
 
 
-def uuid7_many(count: int) -> list[uuid.UUID]:
-    """``count`` time-ordered UUIDs at once (a bulk push): one lock, one clock read and
-    one read of randomness instead of one each, ordered and monotonic with :func:`uuid7`."""
+def uuid7_ints(count: int) -> list[int]:
+    """``count`` time-ordered UUIDv7 values as ints (a bulk push): one lock, one clock read
+    and one read of randomness instead of one each, ordered and monotonic with
+    :func:`uuid7`."""
     global _uuid_last_ms, _uuid_seq
     if count <= 0:
         return []
@@ -424,11 +457,13 @@ def uuid7_many(count: int) -> list[uuid.UUID]:
             if seq > 0xFFF:
                 last_ms += 1
                 seq = 0
-            stamps.append((last_ms << 80) | (seq << 64))
+            stamps.append((last_ms << 80) | (seq << 64) | (0x7 << 76) | (0b10 << 62))
         _uuid_last_ms, _uuid_seq = last_ms, seq
-    fixed = (0x7 << 76) | (0b10 << 62)
     mask = (1 << 62) - 1
-    return [
-        uuid.UUID(int=stamp | fixed | (int.from_bytes(randomness[8 * i : 8 * i + 8]) & mask))
-        for i, stamp in enumerate(stamps)
-    ]
+    noise = memoryview(randomness).cast("Q")
+    return [stamp | (bits & mask) for stamp, bits in zip(stamps, noise, strict=True)]
+
+
+def uuid7_many(count: int) -> list[uuid.UUID]:
+    """``count`` time-ordered UUIDs at once (see :func:`uuid7_ints`)."""
+    return [uuid.UUID(int=value) for value in uuid7_ints(count)]

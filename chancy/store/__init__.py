@@ -11,12 +11,13 @@ import dataclasses
 import datetime as dt
 import functools
 import importlib.resources
+import itertools
 import json
 import re
 import string
 import typing
 import uuid
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -24,8 +25,13 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from chancy.errors import ConfigurationError, InvalidNameError, JobArgumentsError
-from chancy.job import Job, Limit, QueuedJob, Reference, uuid7, uuid7_many
+from chancy.errors import (
+    ConfigurationError,
+    InvalidNameError,
+    JobArgumentsError,
+    UnknownQueueError,
+)
+from chancy.job import Job, Limit, QueuedJob, Reference, uuid7, uuid7_ints, uuid7_many
 from chancy.queue import Queue
 
 T = TypeVar("T")
@@ -40,6 +46,10 @@ class CopyRows:
     rows: Sequence[Sequence[Any]] = ()
     #: Rows already in COPY text format (tab-separated, newline-terminated), sent as is.
     text: str = ""
+    #: Like ``text``, produced lazily piece by piece while the earlier pieces are sent,
+    #: so that the server stores rows while the client formats the next ones. An
+    #: exception from the iterator aborts the COPY.
+    chunks: Iterable[str] = ()
 
 
 _COPY_NULL = "\\N"
@@ -107,6 +117,13 @@ _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 JsonDumps = Callable[[Any], "str | bytes"]
 #: Decodes JSON text.
 JsonLoads = Callable[["str | bytes"], Any]
+
+
+_orjson: Any
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is optional
+    _orjson = None
 
 
 def _stdlib_dumps(value: Any) -> str:
@@ -247,6 +264,68 @@ def dumps(value: Any, what: str, encoder: JsonDumps = _stdlib_dumps) -> str:
     return encoded
 
 
+def _plain_str(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """True if ``value`` is built only of exact JSON types that :func:`_payload_problem`
+    accepts; False means "look closer" (it may still be fine). Builds no paths, so the
+    common case costs a fraction of the full walk."""
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_PAYLOAD_DEPTH:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or not _plain_str(key):
+                return False
+            kind = type(item)
+            if kind is str:
+                if not _plain_str(item):
+                    return False
+            elif kind is int:
+                if not -_INT64 <= item < _INT64:
+                    return False
+            elif item is not None and kind is not bool and not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        if depth >= MAX_PAYLOAD_DEPTH:
+            return False
+        return all(_plain(item, depth + 1) for item in value)
+    if kind is str:
+        return _plain_str(value)
+    if kind is int:
+        return bool(-_INT64 <= value < _INT64)
+    if kind is float:
+        return bool(value - value == 0.0)  # NaN and infinities give NaN
+    return value is None or kind is bool
+
+
+def _encode_plain(value: Any, encoder: JsonDumps) -> str | None:
+    """``value`` as JSON if a built-in encoder can take the fast path, else None."""
+    if (encoder is not _orjson_dumps and encoder is not _stdlib_dumps) or not _plain(value):
+        return None
+    try:
+        if encoder is _orjson_dumps and _orjson is not None:
+            encoded: str = _orjson.dumps(value).decode()
+        else:
+            encoded = _stdlib_dumps(value)
+    except (TypeError, ValueError):
+        return None
+    if len(encoded) > MAX_PAYLOAD_BYTES // 4 and len(encoded.encode()) > MAX_PAYLOAD_BYTES:
+        return None
+    return encoded
+
+
 def _without_nul(encoded: str) -> str:
     # Job output is not the caller's to fix: NUL (jsonb cannot store it) becomes U+FFFD.
     if "\\u0000" not in encoded:
@@ -290,6 +369,89 @@ class Outcome:
     encoded_result: str | None = None
 
 
+#: Rows per piece of a streamed COPY: big enough to amortise a write, small enough that
+#: the server starts storing while the client formats.
+_COPY_CHUNK_ROWS = 256
+_UTC = dt.UTC
+
+
+class _CopyRows:
+    """Formats jobs as rows of ``perf_push_copy_jobs`` (COPY text format) and remembers
+    what the push must return or announce: the references in order, each queue's
+    earliest due time (None: due now), and the jobs with a ``unique_key``, which a COPY
+    cannot deduplicate (their rows are left out; they keep a slot and an id)."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.refs: list[Reference] = []
+        self.first_due: dict[str, dt.datetime | None] = {}
+        self.queues: set[str] = set()
+        self.deferred: list[tuple[int, Job]] = []
+        # The built-in encoders write compact JSON: a backslash is all COPY must escape.
+        self._compact = store.json_dumps is _orjson_dumps or store.json_dumps is _stdlib_dumps
+        self._names: dict[str, str] = {}
+
+    def _name(self, name: str) -> str:
+        text = self._names.get(name)
+        if text is None:
+            text = self._names[name] = copy_text(name)
+        return text
+
+    def _json(self, value: Any, root: str, func: str) -> str:
+        encoded = self.store.encode_input(value, root, func)
+        if self._compact:
+            return encoded.replace("\\", "\\\\") if "\\" in encoded else encoded
+        return copy_text(encoded)
+
+    def format(self, jobs: Iterator[Job], chunk_rows: int) -> Iterator[str]:
+        """The rows of ``jobs``, ``chunk_rows`` per yielded piece."""
+        refs = self.refs
+        first_due = self.first_due
+        name = self._name
+        encode = self._json
+        while True:
+            chunk = list(itertools.islice(jobs, chunk_rows))
+            if not chunk:
+                return
+            lines: list[str] = []
+            for job, value in zip(chunk, uuid7_ints(len(chunk)), strict=True):
+                ref = Reference(uuid.UUID(int=value))
+                queue = job.queue
+                if job.unique_key is not None:
+                    self.queues.add(queue)
+                    self.deferred.append((len(refs), job))
+                    refs.append(ref)
+                    continue
+                refs.append(ref)
+                func = job.func
+                when = job.scheduled_at
+                if when is None:
+                    # 'now' reads as the transaction's start: what the column default gives.
+                    scheduled = "now"
+                    first_due[queue] = None
+                else:
+                    scheduled = when.astimezone(_UTC).isoformat()
+                    if queue not in first_due:
+                        first_due[queue] = when
+                    elif (earliest := first_due[queue]) is not None and when < earliest:
+                        first_due[queue] = when
+                key = job.concurrency_key
+                lines.append(
+                    f"{value:032x}\t{name(queue)}\t{name(func)}\t"
+                    f"{encode(job.kwargs, 'kwargs', func)}\t"
+                    f"{encode(job.meta, 'meta', func) if job.meta else '{}'}\t"
+                    f"{_limits_json(job.limits) if job.limits else '[]'}\t"
+                    f"{int(job.priority)}\t{int(job.max_attempts)}\t"
+                    f"{_COPY_NULL if key is None else copy_text(key)}\t{scheduled}\n"
+                )
+            self.queues.update(first_due)
+            yield "".join(lines)
+
+
+def _limits_json(limits: Sequence[Limit]) -> str:
+    return json.dumps([limit.to_dict() for limit in limits])
+
+
 class Store:
     """Composes every named query once for a table prefix and offers typed operations."""
 
@@ -311,6 +473,14 @@ class Store:
     def dumps(self, value: Any, what: str) -> str:
         """Encode job input as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
         return dumps(value, what, self.json_dumps)
+
+    def encode_input(self, value: Any, root: str, func: str) -> str:
+        """:meth:`dumps` of a job's ``kwargs`` or ``meta`` (``root``): the same result and
+        the same errors, with a fast path for payloads of plain JSON types."""
+        encoded = _encode_plain(value, self.json_dumps)
+        if encoded is None:
+            encoded = dumps(value, f"{root} of {func}", self.json_dumps)
+        return encoded
 
     def dumps_lenient(self, value: Any) -> str:
         """JSON for a job's output (result, meta, error): what the encoder cannot hold
@@ -383,6 +553,21 @@ class Store:
             return (yield from self._push_one(jobs[0], require_queues, notify))
         if len(jobs) >= COPY_MIN_JOBS and all(job.unique_key is None for job in jobs):
             return (yield from self._push_copy(jobs, require_queues, notify))
+        return (
+            yield from self._push_array(
+                jobs, uuid7_many(len(jobs)), require_queues=require_queues, notify=notify
+            )
+        )
+
+    def _push_array(
+        self,
+        jobs: Sequence[Job],
+        ids: Sequence[uuid.UUID],
+        *,
+        require_queues: bool,
+        notify: bool,
+    ) -> Op[list[PushResult] | list[str]]:
+        """push_jobs_many: one statement, any fields, ``unique_key`` deduplication."""
         columns: dict[str, list[Any]] = {
             k: []
             for k in (
@@ -404,7 +589,6 @@ class Store:
         # (and so FIFO order) are still given in the caller's order.
         first_with_key: dict[str, int] = {}
         slot_of_job: list[int] = []
-        ids = uuid7_many(len(jobs))
         order = sorted(
             range(len(jobs)), key=lambda i: (jobs[i].unique_key is None, jobs[i].unique_key or "")
         )
@@ -421,8 +605,8 @@ class Store:
             columns["id"].append(job_id)
             columns["queue"].append(job.queue)
             columns["func"].append(job.func)
-            columns["kwargs"].append(self.dumps(job.kwargs, f"kwargs of {job.func}"))
-            columns["meta"].append(self.dumps(job.meta, f"meta of {job.func}"))
+            columns["kwargs"].append(self.encode_input(job.kwargs, "kwargs", job.func))
+            columns["meta"].append(self.encode_input(job.meta, "meta", job.func))
             columns["limits"].append(json.dumps([limit.to_dict() for limit in job.limits]))
             columns["priority"].append(job.priority)
             columns["max_attempts"].append(job.max_attempts)
@@ -464,61 +648,66 @@ class Store:
         self, jobs: Sequence[Job], require_queues: bool, notify: bool
     ) -> Op[list[PushResult] | list[str]]:
         """Many jobs without unique keys: COPY them in (no dedup to resolve, so every job
-        is inserted under the id made here). Several statements: run it in a transaction
-        (push_many does) for all-or-nothing."""
-        dumps = self.dumps
-        due_now: list[str] = []
-        scheduled: list[tuple[Any, ...]] = []
-        first_due: dict[str, Any] = {}
-        ids = uuid7_many(len(jobs))
-        for job, job_id in zip(jobs, ids, strict=True):
-            row = (
-                job_id,
-                job.queue,
-                job.func,
-                dumps(job.kwargs, f"kwargs of {job.func}"),
-                dumps(job.meta, f"meta of {job.func}") if job.meta else "{}",
-                json.dumps([limit.to_dict() for limit in job.limits]) if job.limits else "[]",
-                job.priority,
-                job.max_attempts,
-                job.concurrency_key,
-            )
-            when = job.scheduled_at
-            key = job.concurrency_key
-            if when is None:
-                # Formatted here: the common case, and much cheaper than row by row.
-                due_now.append(
-                    f"{job_id}\t{copy_text(row[1])}\t{copy_text(row[2])}\t"
-                    f"{copy_text(row[3])}\t{copy_text(row[4])}\t{copy_text(row[5])}\t"
-                    f"{int(job.priority)}\t{int(job.max_attempts)}\t"
-                    f"{_COPY_NULL if key is None else copy_text(key)}\n"
-                )
-                first_due[job.queue] = None
-            else:
-                scheduled.append((*row, when))
-                if job.queue not in first_due:
-                    first_due[job.queue] = when
-                elif first_due[job.queue] is not None:
-                    first_due[job.queue] = min(first_due[job.queue], when)
-        queues = sorted(first_due)
+        is inserted under the id made here). Every row is encoded before any SQL runs.
+        Several statements: run it in a transaction (push_many does) for all-or-nothing."""
+        rows = _CopyRows(self)
+        text = "".join(rows.format(iter(jobs), len(jobs)))
+        queues = sorted(rows.queues)
         if require_queues:
-            rows = yield self.q("perf_push_missing_queues"), {"queue": queues}
-            if rows:
-                return sorted(r["missing_queue"] for r in rows)
-        if due_now:
-            yield self.q("perf_push_copy_jobs_due_now"), CopyRows(text="".join(due_now))
-        if scheduled:
-            yield self.q("perf_push_copy_jobs"), CopyRows(scheduled)
+            missing = yield self.q("perf_push_missing_queues"), {"queue": queues}
+            if missing:
+                return sorted(r["missing_queue"] for r in missing)
+        yield self.q("perf_push_copy_jobs"), CopyRows(text=text)
         if notify:
-            yield (
-                self.q("perf_push_notify"),
-                {
-                    "channel": self.channel,
-                    "queue": queues,
-                    "first_due": [first_due[q] for q in queues],
-                },
+            yield from self._notify_pushed(rows.first_due)
+        return [PushResult(ref, True) for ref in rows.refs]
+
+    def push_jobs_streamed(
+        self, jobs: Iterable[Job], *, require_queues: bool, notify: bool
+    ) -> Op[list[Reference]]:
+        """One batch of :meth:`Chancy.push_many`: the jobs are read, checked, encoded and
+        streamed into a COPY piece by piece, so the server stores rows while the next
+        ones are made. Jobs with a ``unique_key`` keep their place (and id) and go in
+        after the COPY through the deduplicating statement. Returns the references in
+        the caller's order. Raises part way (bad input, unknown queue) after SQL ran:
+        run it in a transaction of its own, which the error rolls back."""
+        stream = iter(jobs)
+        head = list(itertools.islice(stream, COPY_MIN_JOBS))
+        if len(head) < COPY_MIN_JOBS:
+            results = yield from self.push_jobs(head, require_queues=require_queues, notify=notify)
+            if results and isinstance(results[0], str):
+                raise UnknownQueueError([str(name) for name in results])
+            return [r.reference for r in typing.cast(list[PushResult], results)]
+        rows = _CopyRows(self)
+        chunks = rows.format(itertools.chain(head, stream), _COPY_CHUNK_ROWS)
+        yield self.q("perf_push_copy_jobs"), CopyRows(chunks=chunks)
+        if require_queues:
+            missing = yield self.q("perf_push_missing_queues"), {"queue": sorted(rows.queues)}
+            if missing:
+                raise UnknownQueueError(sorted(r["missing_queue"] for r in missing))
+        refs = rows.refs
+        if rows.deferred:
+            slots = [slot for slot, _ in rows.deferred]
+            keyed = [job for _, job in rows.deferred]
+            results = yield from self._push_array(
+                keyed, [refs[slot].uuid for slot in slots], require_queues=False, notify=notify
             )
-        return [PushResult(Reference(job_id), True) for job_id in ids]
+            for slot, result in zip(slots, typing.cast(list[PushResult], results), strict=True):
+                refs[slot] = result.reference
+        if notify and rows.first_due:
+            yield from self._notify_pushed(rows.first_due)
+        return refs
+
+    def _notify_pushed(self, first_due: Mapping[str, dt.datetime | None]) -> Op[None]:
+        queues = sorted(first_due)
+        yield (
+            self.q("perf_push_notify"),
+            {
+                "channel": self.channel,
+                "queue": queues,
+                "first_due": [first_due[q] for q in queues],
+            },
+        )
 
     def _push_one(
         self, job: Job, require_queues: bool, notify: bool
@@ -897,6 +1086,8 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
                     async with cur.copy(query) as copy:
                         if params.text:
                             await copy.write(params.text)
+                        for chunk in params.chunks:
+                            await copy.write(chunk)
                         for values in params.rows:
                             await copy.write_row(values)
                     rows = []
@@ -951,6 +1142,8 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
                     with cur.copy(query) as copy:
                         if params.text:
                             copy.write(params.text)
+                        for chunk in params.chunks:
+                            copy.write(chunk)
                         for values in params.rows:
                             copy.write_row(values)
                     rows = []

@@ -6,15 +6,10 @@ WHERE NOT EXISTS (SELECT 1 FROM {queues} AS known WHERE known.name = q.name)
 
 -- name: perf_push_copy_jobs
 -- Bulk push without unique keys: rows stream in with COPY (text format), no arrays to
--- build or unnest and no rows to return (the ids are made client-side).
+-- build or unnest and no rows to return (the ids are made client-side). A job due now
+-- has scheduled_at 'now', which reads as the transaction's start, as the default does.
 COPY {jobs} (
     id, queue, func, kwargs, meta, limits, priority, max_attempts, concurrency_key, scheduled_at
-) FROM STDIN
-
--- name: perf_push_copy_jobs_due_now
--- The same for jobs without scheduled_at: the column default (now()) applies.
-COPY {jobs} (
-    id, queue, func, kwargs, meta, limits, priority, max_attempts, concurrency_key
 ) FROM STDIN
 
 -- name: perf_push_notify
