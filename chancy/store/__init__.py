@@ -31,7 +31,16 @@ from chancy.errors import (
     JobArgumentsError,
     UnknownQueueError,
 )
-from chancy.job import Job, Limit, QueuedJob, Reference, uuid7, uuid7_ints, uuid7_many
+from chancy.job import (
+    Job,
+    Limit,
+    QueuedJob,
+    Reference,
+    references_of,
+    uuid7,
+    uuid7_ints,
+    uuid7_many,
+)
 from chancy.queue import Queue
 
 T = TypeVar("T")
@@ -375,18 +384,41 @@ _COPY_CHUNK_ROWS = 256
 _UTC = dt.UTC
 
 
-class _CopyRows:
-    """Formats jobs as rows of ``perf_push_copy_jobs`` (COPY text format) and remembers
-    what the push must return or announce: the references in order, each queue's
-    earliest due time (None: due now), and the jobs with a ``unique_key``, which a COPY
-    cannot deduplicate (their rows are left out; they keep a slot and an id)."""
+def _has_defaults(job: Job) -> bool:
+    """Whether the columns after kwargs would all get their defaults (the common case,
+    which ``perf_push_copy_jobs_plain`` serves with fewer columns for the server)."""
+    return not (
+        job.meta
+        or job.limits
+        or job.priority
+        or job.max_attempts != 1
+        or job.concurrency_key is not None
+        or job.scheduled_at is not None
+    )
 
-    def __init__(self, store: Store) -> None:
+
+class _CopyRows:
+    """Formats jobs as COPY rows (text format) and remembers what the push must return
+    or announce: the references in order, each queue's earliest due time (None: due
+    now), and the jobs with a ``unique_key``, which a COPY cannot deduplicate (their
+    rows are left out; they keep a slot and an id).
+
+    Rows are ``plain`` (id, queue, func, kwargs: ``perf_push_copy_jobs_plain``) while
+    every job has default values in the other columns, else full
+    (``perf_push_copy_jobs``). :meth:`format` stops at the first job a plain COPY
+    cannot hold; the next call, full, goes on from there."""
+
+    def __init__(self, store: Store, jobs: Iterable[Job], *, plain: bool) -> None:
         self.store = store
+        self.plain = plain
         self.refs: list[Reference] = []
         self.first_due: dict[str, dt.datetime | None] = {}
-        self.queues: set[str] = set()
         self.deferred: list[tuple[int, Job]] = []
+        self.done = False
+        self._jobs = iter(jobs)
+        #: The job (and id) that ended a plain COPY: the next, full one starts with it.
+        self._carried: tuple[Job, int] | None = None
+        self._fast = _orjson is not None and store.json_dumps is _orjson_dumps
         # The built-in encoders write compact JSON: a backslash is all COPY must escape.
         self._compact = store.json_dumps is _orjson_dumps or store.json_dumps is _stdlib_dumps
         self._names: dict[str, str] = {}
@@ -398,54 +430,101 @@ class _CopyRows:
         return text
 
     def _json(self, value: Any, root: str, func: str) -> str:
-        encoded = self.store.encode_input(value, root, func)
+        if self._fast and type(value) is dict and _plain(value):
+            encoded: str = _orjson.dumps(value).decode()
+            if len(encoded) > MAX_PAYLOAD_BYTES // 4:
+                encoded = self.store.encode_input(value, root, func)
+        else:
+            encoded = self.store.encode_input(value, root, func)
         if self._compact:
             return encoded.replace("\\", "\\\\") if "\\" in encoded else encoded
         return copy_text(encoded)
 
-    def format(self, jobs: Iterator[Job], chunk_rows: int) -> Iterator[str]:
-        """The rows of ``jobs``, ``chunk_rows`` per yielded piece."""
+    @property
+    def queues(self) -> set[str]:
+        """Every queue the jobs read so far go to."""
+        return {*self.first_due, *(job.queue for _, job in self.deferred)}
+
+    def _full_row(self, job: Job, value: int) -> str:
+        queue = job.queue
+        func = job.func
+        when = job.scheduled_at
+        if when is None:
+            # 'now' reads as the transaction's start: what the column default gives.
+            scheduled = "now"
+            self.first_due[queue] = None
+        else:
+            scheduled = when.astimezone(_UTC).isoformat()
+            earliest = self.first_due.get(queue, when)
+            if queue not in self.first_due or (earliest is not None and when < earliest):
+                self.first_due[queue] = when
+        key = job.concurrency_key
+        return (
+            f"{value:032x}\t{self._name(queue)}\t{self._name(func)}\t"
+            f"{self._json(job.kwargs, 'kwargs', func)}\t"
+            f"{self._json(job.meta, 'meta', func) if job.meta else '{}'}\t"
+            f"{_limits_json(job.limits) if job.limits else '[]'}\t"
+            f"{int(job.priority)}\t{int(job.max_attempts)}\t"
+            f"{_COPY_NULL if key is None else copy_text(key)}\t{scheduled}\n"
+        )
+
+    def format(self, chunk_rows: int) -> Iterator[str]:
+        """Rows of the next jobs, up to ``chunk_rows`` per yielded piece, in this COPY's
+        shape; sets :attr:`done` once every job is read. Jobs are read one at a time and
+        dropped once formatted, so a batch never holds them all."""
         refs = self.refs
         first_due = self.first_due
         name = self._name
-        encode = self._json
+        slow_json = self._json
+        fast = self._fast
+        plain = self.plain
+        lines: list[str] = []
+        if self._carried is not None:
+            job, value = self._carried
+            self._carried = None
+            lines.append(self._full_row(job, value))
         while True:
-            chunk = list(itertools.islice(jobs, chunk_rows))
-            if not chunk:
-                return
-            lines: list[str] = []
-            for job, value in zip(chunk, uuid7_ints(len(chunk)), strict=True):
-                ref = Reference(uuid.UUID(int=value))
-                queue = job.queue
+            ids = uuid7_ints(chunk_rows)
+            used = 0
+            for job in itertools.islice(self._jobs, chunk_rows):
+                value = ids[used]
+                used += 1
                 if job.unique_key is not None:
-                    self.queues.add(queue)
-                    self.deferred.append((len(refs), job))
-                    refs.append(ref)
+                    self.deferred.append((len(refs) + used - 1, job))
                     continue
-                refs.append(ref)
+                if not plain:
+                    lines.append(self._full_row(job, value))
+                    continue
+                if not _has_defaults(job):
+                    # The first job a plain COPY cannot hold opens the next, full one.
+                    self._carried = (job, value)
+                    self.plain = False
+                    refs.extend(references_of(ids[:used]))
+                    if lines:
+                        yield "".join(lines)
+                    return
                 func = job.func
-                when = job.scheduled_at
-                if when is None:
-                    # 'now' reads as the transaction's start: what the column default gives.
-                    scheduled = "now"
-                    first_due[queue] = None
+                kwargs = job.kwargs
+                if fast and type(kwargs) is dict and _plain(kwargs):
+                    encoded: str = _orjson.dumps(kwargs).decode()
+                    if len(encoded) > MAX_PAYLOAD_BYTES // 4:
+                        encoded = slow_json(kwargs, "kwargs", func)
+                    elif "\\" in encoded:
+                        encoded = encoded.replace("\\", "\\\\")
                 else:
-                    scheduled = when.astimezone(_UTC).isoformat()
-                    if queue not in first_due:
-                        first_due[queue] = when
-                    elif (earliest := first_due[queue]) is not None and when < earliest:
-                        first_due[queue] = when
-                key = job.concurrency_key
-                lines.append(
-                    f"{value:032x}\t{name(queue)}\t{name(func)}\t"
-                    f"{encode(job.kwargs, 'kwargs', func)}\t"
-                    f"{encode(job.meta, 'meta', func) if job.meta else '{}'}\t"
-                    f"{_limits_json(job.limits) if job.limits else '[]'}\t"
-                    f"{int(job.priority)}\t{int(job.max_attempts)}\t"
-                    f"{_COPY_NULL if key is None else copy_text(key)}\t{scheduled}\n"
-                )
-            self.queues.update(first_due)
-            yield "".join(lines)
+                    encoded = slow_json(kwargs, "kwargs", func)
+                queue = job.queue
+                first_due[queue] = None
+                lines.append(f"{value:032x}\t{name(queue)}\t{name(func)}\t{encoded}\n")
+            refs.extend(references_of(ids[:used]))
+            if used < chunk_rows:
+                self.done = True
+                if lines:
+                    yield "".join(lines)
+                return
+            if lines:
+                yield "".join(lines)
+                lines = []
 
 
 def _limits_json(limits: Sequence[Limit]) -> str:
@@ -650,14 +729,14 @@ class Store:
         """Many jobs without unique keys: COPY them in (no dedup to resolve, so every job
         is inserted under the id made here). Every row is encoded before any SQL runs.
         Several statements: run it in a transaction (push_many does) for all-or-nothing."""
-        rows = _CopyRows(self)
-        text = "".join(rows.format(iter(jobs), len(jobs)))
+        rows = _CopyRows(self, jobs, plain=all(_has_defaults(job) for job in jobs))
+        text = "".join(rows.format(len(jobs)))
         queues = sorted(rows.queues)
         if require_queues:
             missing = yield self.q("perf_push_missing_queues"), {"queue": queues}
             if missing:
                 return sorted(r["missing_queue"] for r in missing)
-        yield self.q("perf_push_copy_jobs"), CopyRows(text=text)
+        yield self._copy_statement(rows.plain), CopyRows(text=text)
         if notify:
             yield from self._notify_pushed(rows.first_due)
         return [PushResult(ref, True) for ref in rows.refs]
@@ -678,9 +757,14 @@ class Store:
             if results and isinstance(results[0], str):
                 raise UnknownQueueError([str(name) for name in results])
             return [r.reference for r in typing.cast(list[PushResult], results)]
-        rows = _CopyRows(self)
-        chunks = rows.format(itertools.chain(head, stream), _COPY_CHUNK_ROWS)
-        yield self.q("perf_push_copy_jobs"), CopyRows(chunks=chunks)
+        rows = _CopyRows(
+            self,
+            itertools.chain(head, stream),
+            plain=all(_has_defaults(job) for job in head),
+        )
+        while not rows.done:
+            statement = self._copy_statement(rows.plain)
+            yield statement, CopyRows(chunks=rows.format(_COPY_CHUNK_ROWS))
         if require_queues:
             missing = yield self.q("perf_push_missing_queues"), {"queue": sorted(rows.queues)}
             if missing:
@@ -697,6 +781,9 @@ class Store:
         if notify and rows.first_due:
             yield from self._notify_pushed(rows.first_due)
         return refs
+
+    def _copy_statement(self, plain: bool) -> sql.Composed:
+        return self.q("perf_push_copy_jobs_plain" if plain else "perf_push_copy_jobs")
 
     def _notify_pushed(self, first_due: Mapping[str, dt.datetime | None]) -> Op[None]:
         queues = sorted(first_due)

@@ -12,6 +12,11 @@ COPY {jobs} (
     id, queue, func, kwargs, meta, limits, priority, max_attempts, concurrency_key, scheduled_at
 ) FROM STDIN
 
+-- name: perf_push_copy_jobs_plain
+-- The same for jobs whose other columns all take their defaults (the common case): the
+-- server parses four fields a row instead of ten.
+COPY {jobs} (id, queue, func, kwargs) FROM STDIN
+
 -- name: perf_push_notify
 -- One NOTIFY per queue that received jobs already due (first_due NULL means "now").
 SELECT pg_notify(%(channel)s, json_build_object('e', 'pushed', 'q', d.queue)::text)
