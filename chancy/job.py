@@ -488,24 +488,24 @@ def uuid7_ints(count: int) -> list[int]:
     global _uuid_last_ms, _uuid_seq
     if count <= 0:
         return []
-    randomness = os.urandom(8 * count)
-    stamps: list[int] = []
+    noise = memoryview(os.urandom(8 * count)).cast("Q")
     with _uuid_lock:
         ms = time.time_ns() // 1_000_000
         if ms > _uuid_last_ms:
             _uuid_last_ms = ms
             _uuid_seq = (int.from_bytes(os.urandom(2)) & 0x3FF) - 1
-        last_ms, seq = _uuid_last_ms, _uuid_seq
-        for _ in range(count):
-            seq += 1
-            if seq > 0xFFF:
-                last_ms += 1
-                seq = 0
-            stamps.append((last_ms << 80) | (seq << 64) | (0x7 << 76) | (0b10 << 62))
-        _uuid_last_ms, _uuid_seq = last_ms, seq
+        first_ms, first_seq = _uuid_last_ms, _uuid_seq + 1
+        # The sequence counts on past 0xFFF into the millisecond field: a 12-bit overflow
+        # carries into the next millisecond, as uuid7 does.
+        end = (first_ms << 12) + first_seq + count
+        _uuid_last_ms, _uuid_seq = (end - 1) >> 12, (end - 1) & 0xFFF
+    fixed = (0x7 << 76) | (0b10 << 62)
     mask = (1 << 62) - 1
-    noise = memoryview(randomness).cast("Q")
-    return [stamp | (bits & mask) for stamp, bits in zip(stamps, noise, strict=True)]
+    start = (first_ms << 12) + first_seq
+    return [
+        ((tick >> 12) << 80) | ((tick & 0xFFF) << 64) | fixed | (bits & mask)
+        for tick, bits in zip(range(start, start + count), noise, strict=True)
+    ]
 
 
 def uuid7_many(count: int) -> list[uuid.UUID]:

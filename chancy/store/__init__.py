@@ -479,6 +479,10 @@ class _CopyRows:
         fast = self._fast
         plain = self.plain
         lines: list[str] = []
+        # Consecutive jobs mostly share queue and function: their COPY text is reused.
+        last_queue: str | None = None
+        last_func: str | None = None
+        names = ""
         if self._carried is not None:
             job, value = self._carried
             self._carried = None
@@ -495,7 +499,14 @@ class _CopyRows:
                 if not plain:
                     lines.append(self._full_row(job, value))
                     continue
-                if not _has_defaults(job):
+                if (
+                    job.meta
+                    or job.limits
+                    or job.priority
+                    or job.max_attempts != 1
+                    or job.concurrency_key is not None
+                    or job.scheduled_at is not None
+                ):  # not _has_defaults(job), inlined: this loop runs once a job
                     # The first job a plain COPY cannot hold opens the next, full one.
                     self._carried = (job, value)
                     self.plain = False
@@ -514,8 +525,11 @@ class _CopyRows:
                 else:
                     encoded = slow_json(kwargs, "kwargs", func)
                 queue = job.queue
-                first_due[queue] = None
-                lines.append(f"{value:032x}\t{name(queue)}\t{name(func)}\t{encoded}\n")
+                if queue is not last_queue or func is not last_func:
+                    first_due[queue] = None
+                    last_queue, last_func = queue, func
+                    names = f"\t{name(queue)}\t{name(func)}\t"
+                lines.append(f"{value:032x}{names}{encoded}\n")
             refs.extend(references_of(ids[:used]))
             if used < chunk_rows:
                 self.done = True
