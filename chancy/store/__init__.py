@@ -779,10 +779,6 @@ class Store:
         while not rows.done:
             statement = self._copy_statement(rows.plain)
             yield statement, CopyRows(chunks=rows.format(_COPY_CHUNK_ROWS))
-        if require_queues:
-            missing = yield self.q("perf_push_missing_queues"), {"queue": sorted(rows.queues)}
-            if missing:
-                raise UnknownQueueError(sorted(r["missing_queue"] for r in missing))
         refs = rows.refs
         if rows.deferred:
             slots = [slot for slot, _ in rows.deferred]
@@ -792,8 +788,20 @@ class Store:
             )
             for slot, result in zip(slots, typing.cast(list[PushResult], results), strict=True):
                 refs[slot] = result.reference
-        if notify and rows.first_due:
-            yield from self._notify_pushed(rows.first_due)
+        # The queue check comes last, with the NOTIFY: an unknown queue raises, and the
+        # rollback takes back the rows and the notification alike.
+        due = sorted(rows.first_due) if notify else []
+        missing = yield (
+            self.q("perf_push_streamed_check_notify"),
+            {
+                "queue": sorted(rows.queues) if require_queues else [],
+                "channel": self.channel,
+                "due_queue": due,
+                "first_due": [rows.first_due[q] for q in due],
+            },
+        )
+        if missing:
+            raise UnknownQueueError(sorted(r["missing_queue"] for r in missing))
         return refs
 
     def _copy_statement(self, plain: bool) -> sql.Composed:

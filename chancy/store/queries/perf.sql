@@ -17,6 +17,21 @@ COPY {jobs} (
 -- server parses four fields a row instead of ten.
 COPY {jobs} (id, queue, func, kwargs) FROM STDIN
 
+-- name: perf_push_streamed_check_notify
+-- After a streamed COPY, in its transaction: the names among %(queue)s that are not
+-- declared, and one NOTIFY per queue that received jobs already due (first_due NULL
+-- means "now"). The caller rolls back when a name comes back, which drops the NOTIFY.
+WITH notified AS (
+    SELECT pg_notify(%(channel)s, json_build_object('e', 'pushed', 'q', d.queue)::text)
+    FROM unnest(%(due_queue)s::text[], %(first_due)s::timestamptz[]) AS d(queue, first_due)
+    WHERE d.first_due IS NULL OR d.first_due <= now()
+)
+SELECT q.name AS missing_queue
+FROM unnest(%(queue)s::text[]) AS q(name)
+WHERE NOT EXISTS (SELECT 1 FROM {queues} AS known WHERE known.name = q.name)
+UNION ALL
+SELECT NULL FROM (SELECT count(*) AS n FROM notified) AS c WHERE c.n < 0
+
 -- name: perf_push_notify
 -- One NOTIFY per queue that received jobs already due (first_due NULL means "now").
 SELECT pg_notify(%(channel)s, json_build_object('e', 'pushed', 'q', d.queue)::text)
