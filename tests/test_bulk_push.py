@@ -252,3 +252,21 @@ def test_job_init_has_the_dataclass_signature() -> None:
         first.func = "m.g"  # type: ignore[misc]
     queued = QueuedJob(func="m.f", id=Reference(uuid7()))
     assert queued.kwargs == {} and queued.limits == []
+
+
+def test_sync_bad_job_fails_its_batch_only(dsn: str) -> None:
+    with Chancy(dsn) as app:
+        app.sync_migrate()
+        app.sync_declare(Queue("q", executor=Chancy.Executor.Async))
+        jobs = jobs_list(4 * N)
+        jobs[3 * N] = Job(func="tests.jobs.echo", queue="q", kwargs={"x": [float("nan")]})
+        pushed = []
+        with pytest.raises(JobArgumentsError) as caught:
+            for batch in app.sync_push_many(jobs, batch_size=2 * N):
+                pushed.append(batch)
+        assert caught.value.path == "kwargs['x'][0]"
+        assert [len(b) for b in pushed] == [2 * N]
+        assert len(app.sync_get_jobs([r for b in pushed for r in b])) == 2 * N
+        # The pool's connection came back usable.
+        again = [r for b in app.sync_push_many(jobs_list(N), batch_size=N) for r in b]
+        assert len(app.sync_get_jobs(again)) == N

@@ -488,9 +488,16 @@ class _CopyRows:
             self._carried = None
             lines.append(self._full_row(job, value))
         while True:
+            first = next(self._jobs, None)
+            if first is None:
+                self.done = True
+                if lines:
+                    yield "".join(lines)
+                return
+            # Ids for a whole piece at once; those a last, short piece leaves are skipped.
             ids = uuid7_ints(chunk_rows)
             used = 0
-            for job in itertools.islice(self._jobs, chunk_rows):
+            for job in itertools.chain((first,), itertools.islice(self._jobs, chunk_rows - 1)):
                 value = ids[used]
                 used += 1
                 if job.unique_key is not None:
