@@ -490,29 +490,42 @@ class Chancy:
     ) -> AsyncIterator[list[Reference]]:
         """Enqueue many jobs, one transaction per batch; yields each batch's references
         once it is committed. A bad job fails its batch (nothing of it is stored)."""
-        if batch_size < 1:
-            raise ConfigurationError("batch_size must be >= 1")
-        stream = iter(jobs)
-        for first in stream:
-            op = self._push_streamed_op(itertools.chain((first,), stream), batch_size)
-            yield await self._run(op, transaction=True)
+        for head, rest in self._push_batches(jobs, batch_size):
+            if rest is None:  # a small batch: one statement, checked before it runs
+                result = self._check_push(await self._run(self._push_op(head)))
+                yield [r.reference for r in result]
+            else:
+                yield await self._run(self._push_streamed_op(head, rest), transaction=True)
 
     def sync_push_many(
         self, jobs: Iterable[Job], *, batch_size: int = 1000
     ) -> Iterator[list[Reference]]:
         """Sync twin of :meth:`push_many`."""
+        for head, rest in self._push_batches(jobs, batch_size):
+            if rest is None:
+                yield [r.reference for r in self._check_push(self._sync_run(self._push_op(head)))]
+            else:
+                yield self._sync_run(self._push_streamed_op(head, rest), transaction=True)
+
+    @staticmethod
+    def _push_batches(
+        jobs: Iterable[Job], batch_size: int
+    ) -> Iterator[tuple[list[Job], Iterator[Job] | None]]:
+        """Each batch as its first jobs and, when it is big enough for a streamed COPY,
+        an iterator over the rest (read while the batch is pushed)."""
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
         stream = iter(jobs)
         for first in stream:
-            op = self._push_streamed_op(itertools.chain((first,), stream), batch_size)
-            yield self._sync_run(op, transaction=True)
+            batch = itertools.islice(itertools.chain((first,), stream), batch_size)
+            head = list(itertools.islice(batch, store_module.COPY_MIN_JOBS))
+            yield head, (batch if len(head) >= store_module.COPY_MIN_JOBS else None)
 
-    def _push_streamed_op(self, jobs: Iterator[Job], batch_size: int) -> Op[list[Reference]]:
-        """The store's streamed push of the next ``batch_size`` of ``jobs``, each job
-        checked and passed through the plugins' push hooks as the store reads it."""
+    def _push_streamed_op(self, head: list[Job], rest: Iterator[Job]) -> Op[list[Reference]]:
+        """The store's streamed push of a batch, each job checked and passed through the
+        plugins' push hooks as the store reads it."""
         return self.store.push_jobs_streamed(
-            self._prepared(itertools.islice(jobs, batch_size)),
+            self._prepared(itertools.chain(head, rest)),
             require_queues=self.require_declared_queues,
             notify=self.notifications,
         )
