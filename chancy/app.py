@@ -489,7 +489,8 @@ class Chancy:
         self, jobs: Iterable[Job], *, batch_size: int = 1000
     ) -> AsyncIterator[list[Reference]]:
         """Enqueue many jobs, one transaction per batch; yields each batch's references
-        once it is committed. A bad job fails its batch (nothing of it is stored)."""
+        once it is committed. A bad job fails its batch (nothing of it is stored). A big
+        batch's transaction is open while ``jobs`` produces it: avoid slow I/O there."""
         for head, rest in self._push_batches(jobs, batch_size):
             if rest is None:  # a small batch: one statement, checked before it runs
                 result = self._check_push(await self._run(self._push_op(head)))
