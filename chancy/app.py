@@ -870,17 +870,6 @@ def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any
     return bool(readable)
 
 
-def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    batch: list[Job] = []
-    for job in jobs:
-        batch.append(job)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _plugin_base() -> type[Plugin]:
     from chancy.plugin import Plugin
 
