@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import itertools
 import json
 import logging
 import select
@@ -34,7 +35,7 @@ from chancy.errors import (
 )
 from chancy.job import FINISHED_STATES, Job, QueuedJob, Reference, validate_queue_name
 from chancy.queue import Queue
-from chancy.signature import check_job_arguments
+from chancy.signature import check_job_arguments, has_signature
 from chancy.store import JsonDumps, JsonLoads, Op, PushResult, Store, default_json
 
 if TYPE_CHECKING:
@@ -487,27 +488,72 @@ class Chancy:
     async def push_many(
         self, jobs: Iterable[Job], *, batch_size: int = 1000
     ) -> AsyncIterator[list[Reference]]:
-        """Enqueue many jobs, one statement per batch; yields each batch's references."""
-        if batch_size < 1:
-            raise ConfigurationError("batch_size must be >= 1")
-        for batch in _batches(jobs, batch_size):
-            # A big batch may go in with several statements (COPY): all or nothing.
-            op = self._push_op(batch)
-            atomic = len(batch) >= store_module.COPY_MIN_JOBS
-            result = self._check_push(await self._run(op, transaction=atomic))
-            yield [r.reference for r in result]
+        """Enqueue many jobs, one transaction per batch; yields each batch's references
+        once it is committed. A bad job fails its batch (nothing of it is stored). A big
+        batch's transaction is open while ``jobs`` produces it: avoid slow I/O there."""
+        for head, rest in self._push_batches(jobs, batch_size):
+            if rest is None:  # a small batch: one statement, checked before it runs
+                result = self._check_push(await self._run(self._push_op(head)))
+                yield [r.reference for r in result]
+            else:
+                yield await self._run(self._push_streamed_op(head, rest), transaction=True)
 
     def sync_push_many(
         self, jobs: Iterable[Job], *, batch_size: int = 1000
     ) -> Iterator[list[Reference]]:
         """Sync twin of :meth:`push_many`."""
+        for head, rest in self._push_batches(jobs, batch_size):
+            if rest is None:
+                yield [r.reference for r in self._check_push(self._sync_run(self._push_op(head)))]
+            else:
+                yield self._sync_run(self._push_streamed_op(head, rest), transaction=True)
+
+    @staticmethod
+    def _push_batches(
+        jobs: Iterable[Job], batch_size: int
+    ) -> Iterator[tuple[list[Job], Iterator[Job] | None]]:
+        """Each batch as its first jobs and, when it is big enough for a streamed COPY,
+        an iterator over the rest (read while the batch is pushed)."""
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
-        for batch in _batches(jobs, batch_size):
-            op = self._push_op(batch)
-            atomic = len(batch) >= store_module.COPY_MIN_JOBS
-            result = self._check_push(self._sync_run(op, transaction=atomic))
-            yield [r.reference for r in result]
+        stream = iter(jobs)
+        for first in stream:
+            batch = itertools.islice(itertools.chain((first,), stream), batch_size)
+            head = list(itertools.islice(batch, store_module.COPY_MIN_JOBS))
+            yield head, (batch if len(head) >= store_module.COPY_MIN_JOBS else None)
+
+    def _push_streamed_op(self, head: list[Job], rest: Iterator[Job]) -> Op[list[Reference]]:
+        """The store's streamed push of a batch, each job checked and passed through the
+        plugins' push hooks as the store reads it."""
+        return self.store.push_jobs_streamed(
+            self._prepared(itertools.chain(head, rest)),
+            require_queues=self.require_declared_queues,
+            notify=self.notifications,
+        )
+
+    def _prepared(self, jobs: Iterable[Job]) -> Iterator[Job]:
+        """What :meth:`_push_op` does to each job, lazily: type and signature checks,
+        then the plugins' ``on_job_pushing``. Whether a function has a signature to
+        check is looked up once per function."""
+        hooks = [
+            plugin.on_job_pushing
+            for plugin in self.plugins.values()
+            if type(plugin).on_job_pushing is not _plugin_base().on_job_pushing
+        ]
+        round_trip = self._round_trip
+        signed: dict[str, bool] = {}
+        for job in jobs:
+            if type(job) is not Job and not isinstance(job, Job):
+                raise JobValidationError(f"push() needs Job instances, not {job!r}")
+            func = job.func
+            check = signed.get(func)
+            if check is None:
+                check = signed[func] = has_signature(func)
+            if check:
+                check_job_arguments(job, round_trip)
+            for hook in hooks:
+                job = hook(job)
+            yield job
 
     async def push_many_ex(
         self,
@@ -822,17 +868,6 @@ def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any
     except (OSError, ValueError, psycopg.Error):
         return True
     return bool(readable)
-
-
-def _batches(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    batch: list[Job] = []
-    for job in jobs:
-        batch.append(job)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
 
 
 def _plugin_base() -> type[Plugin]:

@@ -13,7 +13,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Generic, ParamSpec, TypeVar, overload
 
 from chancy.errors import InvalidNameError, JobValidationError
@@ -164,22 +164,56 @@ class Limit:
         return cls(data["type"], data["value"])
 
 
-def _check_job_fields(job: Job) -> None:
-    if not isinstance(job.func, str) or len(job.func) > 1000 or not _FUNC_RE.fullmatch(job.func):
+#: Function paths and queue names already found valid (exact ``str`` only), so that a
+#: bulk push of one function to one queue matches each regex once, not once per job.
+_valid_funcs: set[str] = set()
+_valid_queues: set[str] = set()
+_VALID_NAMES_MAX = 10_000
+
+
+def _check_func(func: object) -> None:
+    if type(func) is str and func in _valid_funcs:
+        return
+    if not isinstance(func, str) or len(func) > 1000 or not _FUNC_RE.fullmatch(func):
         raise InvalidNameError(
-            f"invalid job function {job.func!r}: expected an import path like 'module.function'"
+            f"invalid job function {func!r}: expected an import path like 'module.function'"
         )
-    validate_queue_name(job.queue)
-    if isinstance(job.priority, bool) or not isinstance(job.priority, int):
-        raise JobValidationError(f"priority must be an int, not {job.priority!r}")
-    if not PRIORITY_MIN <= job.priority <= PRIORITY_MAX:
+    if type(func) is str and len(_valid_funcs) < _VALID_NAMES_MAX:
+        _valid_funcs.add(func)
+
+
+def _check_queue(queue: object) -> None:
+    if type(queue) is str and queue in _valid_queues:
+        return
+    validate_queue_name(queue)
+    if type(queue) is str and len(_valid_queues) < _VALID_NAMES_MAX:
+        _valid_queues.add(queue)
+
+
+def _check_str_keys(mapping: object, what: str) -> None:
+    if type(mapping) is not dict and not isinstance(mapping, Mapping):
+        raise JobValidationError(f"{what} must be a mapping with str keys")
+    for key in mapping:
+        if type(key) is not str and not isinstance(key, str):
+            raise JobValidationError(f"{what} must be a mapping with str keys")
+
+
+def _check_job_fields(job: Job) -> None:
+    # Exact-type tests come first: they decide the common case without isinstance.
+    _check_func(job.func)
+    _check_queue(job.queue)
+    priority = job.priority
+    if type(priority) is not int and (isinstance(priority, bool) or not isinstance(priority, int)):
+        raise JobValidationError(f"priority must be an int, not {priority!r}")
+    if not PRIORITY_MIN <= priority <= PRIORITY_MAX:
         raise JobValidationError(
-            f"priority {job.priority} out of range [{PRIORITY_MIN}, {PRIORITY_MAX}]"
+            f"priority {priority} out of range [{PRIORITY_MIN}, {PRIORITY_MAX}]"
         )
-    if isinstance(job.max_attempts, bool) or not isinstance(job.max_attempts, int):
-        raise JobValidationError(f"max_attempts must be an int, not {job.max_attempts!r}")
-    if not 1 <= job.max_attempts <= _INT32_MAX:
-        raise JobValidationError(f"max_attempts must be >= 1, not {job.max_attempts}")
+    attempts = job.max_attempts
+    if type(attempts) is not int and (isinstance(attempts, bool) or not isinstance(attempts, int)):
+        raise JobValidationError(f"max_attempts must be an int, not {attempts!r}")
+    if not 1 <= attempts <= _INT32_MAX:
+        raise JobValidationError(f"max_attempts must be >= 1, not {attempts}")
     if job.scheduled_at is not None:
         if not isinstance(job.scheduled_at, dt.datetime):
             raise JobValidationError(f"scheduled_at must be a datetime, not {job.scheduled_at!r}")
@@ -187,11 +221,9 @@ def _check_job_fields(job: Job) -> None:
             raise JobValidationError(
                 "scheduled_at must be timezone-aware (e.g. datetime.now(timezone.utc))"
             )
-    if not isinstance(job.kwargs, Mapping) or not all(isinstance(k, str) for k in job.kwargs):
-        raise JobValidationError("kwargs must be a mapping with str keys")
-    if not isinstance(job.meta, Mapping) or not all(isinstance(k, str) for k in job.meta):
-        raise JobValidationError("meta must be a mapping with str keys")
-    if not all(isinstance(limit, Limit) for limit in job.limits):
+    _check_str_keys(job.kwargs, "kwargs")
+    _check_str_keys(job.meta, "meta")
+    if job.limits and not all(isinstance(limit, Limit) for limit in job.limits):
         raise JobValidationError("limits must be Limit instances")
     if job.unique_key is not None and (
         not isinstance(job.unique_key, str)
@@ -209,6 +241,16 @@ def _check_job_fields(job: Job) -> None:
         raise JobValidationError(
             "concurrency_key must be a non-empty str of at most 1024 characters, without NUL"
         )
+
+
+class _Fresh:
+    """Stands for "a new empty one" as a default in :class:`Job`'s signature."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FRESH: Any = _Fresh()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -231,10 +273,44 @@ class Job:
     #: time across all workers, in fetch order (e.g. ``"customer:42"``).
     concurrency_key: str | None = None
 
+    # Written out rather than generated: a frozen dataclass's __init__ sets each field
+    # through object.__setattr__, which cost ~1 us a job in a bulk push. The signature
+    # is the generated one's (tests compare them); ``_FRESH`` marks a default factory.
+    def __init__(
+        self,
+        *,
+        func: str,
+        queue: str = "default",
+        kwargs: Mapping[str, Any] = _FRESH,
+        priority: int = 0,
+        max_attempts: int = 1,
+        scheduled_at: dt.datetime | None = None,
+        limits: list[Limit] = _FRESH,
+        unique_key: str | None = None,
+        meta: Mapping[str, Any] = _FRESH,
+        concurrency_key: str | None = None,
+    ) -> None:
+        fields = self.__dict__
+        fields["func"] = func
+        fields["queue"] = queue
+        fields["kwargs"] = {} if kwargs is _FRESH else kwargs
+        fields["priority"] = priority
+        fields["max_attempts"] = max_attempts
+        fields["scheduled_at"] = scheduled_at
+        fields["limits"] = limits
+        fields["unique_key"] = unique_key
+        fields["meta"] = {} if meta is _FRESH else meta
+        fields["concurrency_key"] = concurrency_key
+        self.__post_init__()
+
     def __post_init__(self) -> None:
-        if not isinstance(self.limits, list | tuple):
+        limits = self.limits
+        if limits is _FRESH:
+            self.__dict__["limits"] = []
+        elif type(limits) is list or isinstance(limits, (list, tuple)):
+            self.__dict__["limits"] = list(limits)
+        else:
             raise JobValidationError("limits must be a list of Limit")
-        object.__setattr__(self, "limits", list(self.limits))
         _check_job_fields(self)
 
     @classmethod
@@ -405,30 +481,55 @@ def job(
     return decorate
 
 
-def uuid7_many(count: int) -> list[uuid.UUID]:
-    """``count`` time-ordered UUIDs at once (a bulk push): one lock, one clock read and
-    one read of randomness instead of one each, ordered and monotonic with :func:`uuid7`."""
+def uuid7_ints(count: int) -> list[int]:
+    """``count`` time-ordered UUIDv7 values as ints (a bulk push): one lock, one clock read
+    and one read of randomness instead of one each, ordered and monotonic with
+    :func:`uuid7`."""
     global _uuid_last_ms, _uuid_seq
     if count <= 0:
         return []
-    randomness = os.urandom(8 * count)
-    stamps: list[int] = []
+    noise = memoryview(os.urandom(8 * count)).cast("Q")
     with _uuid_lock:
         ms = time.time_ns() // 1_000_000
         if ms > _uuid_last_ms:
             _uuid_last_ms = ms
             _uuid_seq = (int.from_bytes(os.urandom(2)) & 0x3FF) - 1
-        last_ms, seq = _uuid_last_ms, _uuid_seq
-        for _ in range(count):
-            seq += 1
-            if seq > 0xFFF:
-                last_ms += 1
-                seq = 0
-            stamps.append((last_ms << 80) | (seq << 64))
-        _uuid_last_ms, _uuid_seq = last_ms, seq
+        first_ms, first_seq = _uuid_last_ms, _uuid_seq + 1
+        # The sequence counts on past 0xFFF into the millisecond field: a 12-bit overflow
+        # carries into the next millisecond, as uuid7 does.
+        end = (first_ms << 12) + first_seq + count
+        _uuid_last_ms, _uuid_seq = (end - 1) >> 12, (end - 1) & 0xFFF
     fixed = (0x7 << 76) | (0b10 << 62)
     mask = (1 << 62) - 1
+    start = (first_ms << 12) + first_seq
     return [
-        uuid.UUID(int=stamp | fixed | (int.from_bytes(randomness[8 * i : 8 * i + 8]) & mask))
-        for i, stamp in enumerate(stamps)
+        ((tick >> 12) << 80) | ((tick & 0xFFF) << 64) | fixed | (bits & mask)
+        for tick, bits in zip(range(start, start + count), noise, strict=True)
     ]
+
+
+def uuid7_many(count: int) -> list[uuid.UUID]:
+    """``count`` time-ordered UUIDs at once (see :func:`uuid7_ints`)."""
+    return [uuid.UUID(int=value) for value in uuid7_ints(count)]
+
+
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+_UNKNOWN_SAFETY = uuid.SafeUUID.unknown
+
+
+def references_of(values: Iterable[int]) -> list[Reference]:
+    """References for 128-bit ids given as ints (such as :func:`uuid7_ints` makes),
+    built without re-checking each one: a bulk push makes thousands at once."""
+    refs: list[Reference] = []
+    append = refs.append
+    for value in values:
+        # What uuid.UUID(int=value) stores, for a value known to fit in 128 bits.
+        job_id = _new_object(uuid.UUID)
+        _set_attribute(job_id, "int", value)
+        _set_attribute(job_id, "is_safe", _UNKNOWN_SAFETY)
+        ref = _new_object(Reference)
+        ref._id = job_id
+        ref._hash = None
+        append(ref)
+    return refs

@@ -104,23 +104,32 @@ def _adapters(shape: _Shape) -> dict[str, Any]:
 RoundTrip = Callable[[Mapping[str, Any]], Any]
 
 
+def _shape_for(func: str) -> _Shape | None:
+    shape = _shapes.get(func)
+    if shape is None and func not in _shapes:
+        obj = _loaded_function(func)
+        if obj is None:
+            return None  # not imported here: nothing to check against (and not cached)
+        shape = _shape_of(obj) if isinstance(obj, JobFunction) else None
+        if len(_shapes) < 10_000:
+            _shapes[func] = shape
+    return shape
+
+
+def has_signature(func: str) -> bool:
+    """Whether :func:`check_job_arguments` has a signature to check ``func``'s jobs
+    against now; a bulk push asks once per function rather than once per job."""
+    return _shape_for(func) is not None
+
+
 def check_job_arguments(job: Job, round_trip: RoundTrip | None = None) -> None:
     """Raise :class:`JobArgumentsError` if ``job.kwargs`` cannot call its ``@job``
     function: an unknown keyword, or a required one missing. With ``round_trip`` (the
     kwargs encoded and decoded as a worker will receive them), also a value that does
     not strictly match its parameter's annotation."""
-    shape = _shapes.get(job.func)
+    shape = _shape_for(job.func)
     if shape is None:
-        if job.func in _shapes:
-            return  # known not to be a @job function
-        obj = _loaded_function(job.func)
-        if obj is None:
-            return  # not imported here: nothing to check against (and not cached)
-        shape = _shape_of(obj) if isinstance(obj, JobFunction) else None
-        if len(_shapes) < 10_000:
-            _shapes[job.func] = shape
-        if shape is None:
-            return
+        return
     names = job.kwargs.keys()
     if not shape.any_keyword:
         unknown = sorted(set(names) - shape.accepted)

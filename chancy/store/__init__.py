@@ -11,12 +11,13 @@ import dataclasses
 import datetime as dt
 import functools
 import importlib.resources
+import itertools
 import json
 import re
 import string
 import typing
 import uuid
-from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import psycopg
@@ -24,8 +25,22 @@ from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-from chancy.errors import ConfigurationError, InvalidNameError, JobArgumentsError
-from chancy.job import Job, Limit, QueuedJob, Reference, uuid7, uuid7_many
+from chancy.errors import (
+    ConfigurationError,
+    InvalidNameError,
+    JobArgumentsError,
+    UnknownQueueError,
+)
+from chancy.job import (
+    Job,
+    Limit,
+    QueuedJob,
+    Reference,
+    references_of,
+    uuid7,
+    uuid7_ints,
+    uuid7_many,
+)
 from chancy.queue import Queue
 
 T = TypeVar("T")
@@ -40,6 +55,10 @@ class CopyRows:
     rows: Sequence[Sequence[Any]] = ()
     #: Rows already in COPY text format (tab-separated, newline-terminated), sent as is.
     text: str = ""
+    #: Like ``text``, produced lazily piece by piece while the earlier pieces are sent,
+    #: so that the server stores rows while the client formats the next ones. An
+    #: exception from the iterator aborts the COPY.
+    chunks: Iterable[str] = ()
 
 
 _COPY_NULL = "\\N"
@@ -107,6 +126,13 @@ _JSON_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 JsonDumps = Callable[[Any], "str | bytes"]
 #: Decodes JSON text.
 JsonLoads = Callable[["str | bytes"], Any]
+
+
+_orjson: Any
+try:
+    import orjson as _orjson
+except ImportError:  # pragma: no cover - orjson is optional
+    _orjson = None
 
 
 def _stdlib_dumps(value: Any) -> str:
@@ -247,6 +273,68 @@ def dumps(value: Any, what: str, encoder: JsonDumps = _stdlib_dumps) -> str:
     return encoded
 
 
+def _plain_str(text: str) -> bool:
+    if "\x00" in text:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _plain(value: Any, depth: int = 0) -> bool:
+    """True if ``value`` is built only of exact JSON types that :func:`_payload_problem`
+    accepts; False means "look closer" (it may still be fine). Builds no paths, so the
+    common case costs a fraction of the full walk."""
+    kind = type(value)
+    if kind is dict:
+        if depth >= MAX_PAYLOAD_DEPTH:
+            return False
+        for key, item in value.items():
+            if type(key) is not str or not _plain_str(key):
+                return False
+            kind = type(item)
+            if kind is str:
+                if not _plain_str(item):
+                    return False
+            elif kind is int:
+                if not -_INT64 <= item < _INT64:
+                    return False
+            elif item is not None and kind is not bool and not _plain(item, depth + 1):
+                return False
+        return True
+    if kind is list or kind is tuple:
+        if depth >= MAX_PAYLOAD_DEPTH:
+            return False
+        return all(_plain(item, depth + 1) for item in value)
+    if kind is str:
+        return _plain_str(value)
+    if kind is int:
+        return bool(-_INT64 <= value < _INT64)
+    if kind is float:
+        return bool(value - value == 0.0)  # NaN and infinities give NaN
+    return value is None or kind is bool
+
+
+def _encode_plain(value: Any, encoder: JsonDumps) -> str | None:
+    """``value`` as JSON if a built-in encoder can take the fast path, else None."""
+    if (encoder is not _orjson_dumps and encoder is not _stdlib_dumps) or not _plain(value):
+        return None
+    try:
+        if encoder is _orjson_dumps and _orjson is not None:
+            encoded: str = _orjson.dumps(value).decode()
+        else:
+            encoded = _stdlib_dumps(value)
+    except (TypeError, ValueError):
+        return None
+    if len(encoded) > MAX_PAYLOAD_BYTES // 4 and len(encoded.encode()) > MAX_PAYLOAD_BYTES:
+        return None
+    return encoded
+
+
 def _without_nul(encoded: str) -> str:
     # Job output is not the caller's to fix: NUL (jsonb cannot store it) becomes U+FFFD.
     if "\\u0000" not in encoded:
@@ -290,6 +378,180 @@ class Outcome:
     encoded_result: str | None = None
 
 
+#: Rows per piece of a streamed COPY: big enough to amortise a write, small enough that
+#: the server starts storing while the client formats.
+_COPY_CHUNK_ROWS = 256
+_UTC = dt.UTC
+
+
+def _has_defaults(job: Job) -> bool:
+    """Whether the columns after kwargs would all get their defaults (the common case,
+    which ``perf_push_copy_jobs_plain`` serves with fewer columns for the server)."""
+    return not (
+        job.meta
+        or job.limits
+        or job.priority
+        or job.max_attempts != 1
+        or job.concurrency_key is not None
+        or job.scheduled_at is not None
+    )
+
+
+class _CopyRows:
+    """Formats jobs as COPY rows (text format) and remembers what the push must return
+    or announce: the references in order, each queue's earliest due time (None: due
+    now), and the jobs with a ``unique_key``, which a COPY cannot deduplicate (their
+    rows are left out; they keep a slot and an id).
+
+    Rows are ``plain`` (id, queue, func, kwargs: ``perf_push_copy_jobs_plain``) while
+    every job has default values in the other columns, else full
+    (``perf_push_copy_jobs``). :meth:`format` stops at the first job a plain COPY
+    cannot hold; the next call, full, goes on from there."""
+
+    def __init__(self, store: Store, jobs: Iterable[Job], *, plain: bool) -> None:
+        self.store = store
+        self.plain = plain
+        self.refs: list[Reference] = []
+        self.first_due: dict[str, dt.datetime | None] = {}
+        self.deferred: list[tuple[int, Job]] = []
+        self.done = False
+        self._jobs = iter(jobs)
+        #: The job (and id) that ended a plain COPY: the next, full one starts with it.
+        self._carried: tuple[Job, int] | None = None
+        self._fast = _orjson is not None and store.json_dumps is _orjson_dumps
+        # The built-in encoders write compact JSON: a backslash is all COPY must escape.
+        self._compact = store.json_dumps is _orjson_dumps or store.json_dumps is _stdlib_dumps
+        self._names: dict[str, str] = {}
+
+    def _name(self, name: str) -> str:
+        text = self._names.get(name)
+        if text is None:
+            text = self._names[name] = copy_text(name)
+        return text
+
+    def _json(self, value: Any, root: str, func: str) -> str:
+        if self._fast and type(value) is dict and _plain(value):
+            encoded: str = _orjson.dumps(value).decode()
+            if len(encoded) > MAX_PAYLOAD_BYTES // 4:
+                encoded = self.store.encode_input(value, root, func)
+        else:
+            encoded = self.store.encode_input(value, root, func)
+        if self._compact:
+            return encoded.replace("\\", "\\\\") if "\\" in encoded else encoded
+        return copy_text(encoded)
+
+    @property
+    def queues(self) -> set[str]:
+        """Every queue the jobs read so far go to."""
+        return {*self.first_due, *(job.queue for _, job in self.deferred)}
+
+    def _full_row(self, job: Job, value: int) -> str:
+        queue = job.queue
+        func = job.func
+        when = job.scheduled_at
+        if when is None:
+            # 'now' reads as the transaction's start: what the column default gives.
+            scheduled = "now"
+            self.first_due[queue] = None
+        else:
+            scheduled = when.astimezone(_UTC).isoformat()
+            earliest = self.first_due.get(queue, when)
+            if queue not in self.first_due or (earliest is not None and when < earliest):
+                self.first_due[queue] = when
+        key = job.concurrency_key
+        return (
+            f"{value:032x}\t{self._name(queue)}\t{self._name(func)}\t"
+            f"{self._json(job.kwargs, 'kwargs', func)}\t"
+            f"{self._json(job.meta, 'meta', func) if job.meta else '{}'}\t"
+            f"{_limits_json(job.limits) if job.limits else '[]'}\t"
+            f"{int(job.priority)}\t{int(job.max_attempts)}\t"
+            f"{_COPY_NULL if key is None else copy_text(key)}\t{scheduled}\n"
+        )
+
+    def format(self, chunk_rows: int) -> Iterator[str]:
+        """Rows of the next jobs, up to ``chunk_rows`` per yielded piece, in this COPY's
+        shape; sets :attr:`done` once every job is read. Jobs are read one at a time and
+        dropped once formatted, so a batch never holds them all."""
+        refs = self.refs
+        first_due = self.first_due
+        name = self._name
+        slow_json = self._json
+        fast = self._fast
+        plain = self.plain
+        lines: list[str] = []
+        # Consecutive jobs mostly share queue and function: their COPY text is reused.
+        last_queue: str | None = None
+        last_func: str | None = None
+        names = ""
+        if self._carried is not None:
+            job, value = self._carried
+            self._carried = None
+            lines.append(self._full_row(job, value))
+        while True:
+            first = next(self._jobs, None)
+            if first is None:
+                self.done = True
+                if lines:
+                    yield "".join(lines)
+                return
+            # Ids for a whole piece at once; those a last, short piece leaves are skipped.
+            ids = uuid7_ints(chunk_rows)
+            used = 0
+            for job in itertools.chain((first,), itertools.islice(self._jobs, chunk_rows - 1)):
+                value = ids[used]
+                used += 1
+                if job.unique_key is not None:
+                    self.deferred.append((len(refs) + used - 1, job))
+                    continue
+                if not plain:
+                    lines.append(self._full_row(job, value))
+                    continue
+                if (
+                    job.meta
+                    or job.limits
+                    or job.priority
+                    or job.max_attempts != 1
+                    or job.concurrency_key is not None
+                    or job.scheduled_at is not None
+                ):  # not _has_defaults(job), inlined: this loop runs once a job
+                    # The first job a plain COPY cannot hold opens the next, full one.
+                    self._carried = (job, value)
+                    self.plain = False
+                    refs.extend(references_of(ids[:used]))
+                    if lines:
+                        yield "".join(lines)
+                    return
+                func = job.func
+                kwargs = job.kwargs
+                if fast and type(kwargs) is dict and _plain(kwargs):
+                    encoded: str = _orjson.dumps(kwargs).decode()
+                    if len(encoded) > MAX_PAYLOAD_BYTES // 4:
+                        encoded = slow_json(kwargs, "kwargs", func)
+                    elif "\\" in encoded:
+                        encoded = encoded.replace("\\", "\\\\")
+                else:
+                    encoded = slow_json(kwargs, "kwargs", func)
+                queue = job.queue
+                if queue is not last_queue or func is not last_func:
+                    first_due[queue] = None
+                    last_queue, last_func = queue, func
+                    names = f"\t{name(queue)}\t{name(func)}\t"
+                lines.append(f"{value:032x}{names}{encoded}\n")
+            refs.extend(references_of(ids[:used]))
+            if used < chunk_rows:
+                self.done = True
+                if lines:
+                    yield "".join(lines)
+                return
+            if lines:
+                yield "".join(lines)
+                lines = []
+
+
+def _limits_json(limits: Sequence[Limit]) -> str:
+    return json.dumps([limit.to_dict() for limit in limits])
+
+
 class Store:
     """Composes every named query once for a table prefix and offers typed operations."""
 
@@ -311,6 +573,14 @@ class Store:
     def dumps(self, value: Any, what: str) -> str:
         """Encode job input as JSON, or raise :class:`JobArgumentsError` naming ``what``."""
         return dumps(value, what, self.json_dumps)
+
+    def encode_input(self, value: Any, root: str, func: str) -> str:
+        """:meth:`dumps` of a job's ``kwargs`` or ``meta`` (``root``): the same result and
+        the same errors, with a fast path for payloads of plain JSON types."""
+        encoded = _encode_plain(value, self.json_dumps)
+        if encoded is None:
+            encoded = dumps(value, f"{root} of {func}", self.json_dumps)
+        return encoded
 
     def dumps_lenient(self, value: Any) -> str:
         """JSON for a job's output (result, meta, error): what the encoder cannot hold
@@ -383,6 +653,21 @@ class Store:
             return (yield from self._push_one(jobs[0], require_queues, notify))
         if len(jobs) >= COPY_MIN_JOBS and all(job.unique_key is None for job in jobs):
             return (yield from self._push_copy(jobs, require_queues, notify))
+        return (
+            yield from self._push_array(
+                jobs, uuid7_many(len(jobs)), require_queues=require_queues, notify=notify
+            )
+        )
+
+    def _push_array(
+        self,
+        jobs: Sequence[Job],
+        ids: Sequence[uuid.UUID],
+        *,
+        require_queues: bool,
+        notify: bool,
+    ) -> Op[list[PushResult] | list[str]]:
+        """push_jobs_many: one statement, any fields, ``unique_key`` deduplication."""
         columns: dict[str, list[Any]] = {
             k: []
             for k in (
@@ -404,7 +689,6 @@ class Store:
         # (and so FIFO order) are still given in the caller's order.
         first_with_key: dict[str, int] = {}
         slot_of_job: list[int] = []
-        ids = uuid7_many(len(jobs))
         order = sorted(
             range(len(jobs)), key=lambda i: (jobs[i].unique_key is None, jobs[i].unique_key or "")
         )
@@ -421,8 +705,8 @@ class Store:
             columns["id"].append(job_id)
             columns["queue"].append(job.queue)
             columns["func"].append(job.func)
-            columns["kwargs"].append(self.dumps(job.kwargs, f"kwargs of {job.func}"))
-            columns["meta"].append(self.dumps(job.meta, f"meta of {job.func}"))
+            columns["kwargs"].append(self.encode_input(job.kwargs, "kwargs", job.func))
+            columns["meta"].append(self.encode_input(job.meta, "meta", job.func))
             columns["limits"].append(json.dumps([limit.to_dict() for limit in job.limits]))
             columns["priority"].append(job.priority)
             columns["max_attempts"].append(job.max_attempts)
@@ -464,61 +748,82 @@ class Store:
         self, jobs: Sequence[Job], require_queues: bool, notify: bool
     ) -> Op[list[PushResult] | list[str]]:
         """Many jobs without unique keys: COPY them in (no dedup to resolve, so every job
-        is inserted under the id made here). Several statements: run it in a transaction
-        (push_many does) for all-or-nothing."""
-        dumps = self.dumps
-        due_now: list[str] = []
-        scheduled: list[tuple[Any, ...]] = []
-        first_due: dict[str, Any] = {}
-        ids = uuid7_many(len(jobs))
-        for job, job_id in zip(jobs, ids, strict=True):
-            row = (
-                job_id,
-                job.queue,
-                job.func,
-                dumps(job.kwargs, f"kwargs of {job.func}"),
-                dumps(job.meta, f"meta of {job.func}") if job.meta else "{}",
-                json.dumps([limit.to_dict() for limit in job.limits]) if job.limits else "[]",
-                job.priority,
-                job.max_attempts,
-                job.concurrency_key,
-            )
-            when = job.scheduled_at
-            key = job.concurrency_key
-            if when is None:
-                # Formatted here: the common case, and much cheaper than row by row.
-                due_now.append(
-                    f"{job_id}\t{copy_text(row[1])}\t{copy_text(row[2])}\t"
-                    f"{copy_text(row[3])}\t{copy_text(row[4])}\t{copy_text(row[5])}\t"
-                    f"{int(job.priority)}\t{int(job.max_attempts)}\t"
-                    f"{_COPY_NULL if key is None else copy_text(key)}\n"
-                )
-                first_due[job.queue] = None
-            else:
-                scheduled.append((*row, when))
-                if job.queue not in first_due:
-                    first_due[job.queue] = when
-                elif first_due[job.queue] is not None:
-                    first_due[job.queue] = min(first_due[job.queue], when)
-        queues = sorted(first_due)
+        is inserted under the id made here). Every row is encoded before any SQL runs.
+        Several statements: run it in a transaction (push_many does) for all-or-nothing."""
+        rows = _CopyRows(self, jobs, plain=all(_has_defaults(job) for job in jobs))
+        text = "".join(rows.format(len(jobs)))
+        queues = sorted(rows.queues)
         if require_queues:
-            rows = yield self.q("perf_push_missing_queues"), {"queue": queues}
-            if rows:
-                return sorted(r["missing_queue"] for r in rows)
-        if due_now:
-            yield self.q("perf_push_copy_jobs_due_now"), CopyRows(text="".join(due_now))
-        if scheduled:
-            yield self.q("perf_push_copy_jobs"), CopyRows(scheduled)
+            missing = yield self.q("perf_push_missing_queues"), {"queue": queues}
+            if missing:
+                return sorted(r["missing_queue"] for r in missing)
+        yield self._copy_statement(rows.plain), CopyRows(text=text)
         if notify:
-            yield (
-                self.q("perf_push_notify"),
-                {
-                    "channel": self.channel,
-                    "queue": queues,
-                    "first_due": [first_due[q] for q in queues],
-                },
+            yield from self._notify_pushed(rows.first_due)
+        return [PushResult(ref, True) for ref in rows.refs]
+
+    def push_jobs_streamed(
+        self, jobs: Iterable[Job], *, require_queues: bool, notify: bool
+    ) -> Op[list[Reference]]:
+        """One batch of :meth:`Chancy.push_many`: the jobs are read, checked, encoded and
+        streamed into a COPY piece by piece, so the server stores rows while the next
+        ones are made. Jobs with a ``unique_key`` keep their place (and id) and go in
+        after the COPY through the deduplicating statement. Returns the references in
+        the caller's order. Raises part way (bad input, unknown queue) after SQL ran:
+        run it in a transaction of its own, which the error rolls back."""
+        stream = iter(jobs)
+        head = list(itertools.islice(stream, COPY_MIN_JOBS))
+        if len(head) < COPY_MIN_JOBS:
+            results = yield from self.push_jobs(head, require_queues=require_queues, notify=notify)
+            if results and isinstance(results[0], str):
+                raise UnknownQueueError([str(name) for name in results])
+            return [r.reference for r in typing.cast(list[PushResult], results)]
+        rows = _CopyRows(
+            self,
+            itertools.chain(head, stream),
+            plain=all(_has_defaults(job) for job in head),
+        )
+        while not rows.done:
+            statement = self._copy_statement(rows.plain)
+            yield statement, CopyRows(chunks=rows.format(_COPY_CHUNK_ROWS))
+        refs = rows.refs
+        if rows.deferred:
+            slots = [slot for slot, _ in rows.deferred]
+            keyed = [job for _, job in rows.deferred]
+            results = yield from self._push_array(
+                keyed, [refs[slot].uuid for slot in slots], require_queues=False, notify=notify
             )
-        return [PushResult(Reference(job_id), True) for job_id in ids]
+            for slot, result in zip(slots, typing.cast(list[PushResult], results), strict=True):
+                refs[slot] = result.reference
+        # The queue check comes last, with the NOTIFY: an unknown queue raises, and the
+        # rollback takes back the rows and the notification alike.
+        due = sorted(rows.first_due) if notify else []
+        missing = yield (
+            self.q("perf_push_streamed_check_notify"),
+            {
+                "queue": sorted(rows.queues) if require_queues else [],
+                "channel": self.channel,
+                "due_queue": due,
+                "first_due": [rows.first_due[q] for q in due],
+            },
+        )
+        if missing:
+            raise UnknownQueueError(sorted(r["missing_queue"] for r in missing))
+        return refs
+
+    def _copy_statement(self, plain: bool) -> sql.Composed:
+        return self.q("perf_push_copy_jobs_plain" if plain else "perf_push_copy_jobs")
+
+    def _notify_pushed(self, first_due: Mapping[str, dt.datetime | None]) -> Op[None]:
+        queues = sorted(first_due)
+        yield (
+            self.q("perf_push_notify"),
+            {
+                "channel": self.channel,
+                "queue": queues,
+                "first_due": [first_due[q] for q in queues],
+            },
+        )
 
     def _push_one(
         self, job: Job, require_queues: bool, notify: bool
@@ -936,6 +1241,8 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
                     async with cur.copy(query) as copy:
                         if params.text:
                             await copy.write(params.text)
+                        for chunk in params.chunks:
+                            await copy.write(chunk)
                         for values in params.rows:
                             await copy.write_row(values)
                     rows = []
@@ -990,6 +1297,8 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
                     with cur.copy(query) as copy:
                         if params.text:
                             copy.write(params.text)
+                        for chunk in params.chunks:
+                            copy.write(chunk)
                         for values in params.rows:
                             copy.write_row(values)
                     rows = []
