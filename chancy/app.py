@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import functools
 import itertools
 import json
 import logging
@@ -402,12 +403,20 @@ class Chancy:
             if not isinstance(job, Job):
                 raise JobValidationError(f"push() needs Job instances, not {job!r}")
             check_job_arguments(job, self._round_trip)
-        for plugin in self.plugins.values():
-            if type(plugin).on_job_pushing is not _plugin_base().on_job_pushing:
-                jobs = [plugin.on_job_pushing(job) for job in jobs]
+        for hook in self._pushing_hooks():
+            jobs = [hook(job) for job in jobs]
         return self.store.push_jobs(
             jobs, require_queues=self.require_declared_queues, notify=self.notifications
         )
+
+    def _pushing_hooks(self) -> list[Callable[[Job], Job]]:
+        """The ``on_job_pushing`` hooks of the plugins that override it."""
+        base = _plugin_base().on_job_pushing
+        return [
+            plugin.on_job_pushing
+            for plugin in self.plugins.values()
+            if type(plugin).on_job_pushing is not base
+        ]
 
     @staticmethod
     def _check_push(result: list[PushResult] | list[str]) -> list[PushResult]:
@@ -535,11 +544,7 @@ class Chancy:
         """What :meth:`_push_op` does to each job, lazily: type and signature checks,
         then the plugins' ``on_job_pushing``. Whether a function has a signature to
         check is looked up once per function."""
-        hooks = [
-            plugin.on_job_pushing
-            for plugin in self.plugins.values()
-            if type(plugin).on_job_pushing is not _plugin_base().on_job_pushing
-        ]
+        hooks = self._pushing_hooks()
         round_trip = self._round_trip
         signed: dict[str, bool] = {}
         for job in jobs:
@@ -870,6 +875,7 @@ def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any
     return bool(readable)
 
 
+@functools.cache
 def _plugin_base() -> type[Plugin]:
     from chancy.plugin import Plugin
 
