@@ -7,6 +7,7 @@ import dataclasses
 import datetime as dt
 import uuid
 
+from chancy import Chancy, Job, Queue
 from chancy.job import Limit, QueuedJob, Reference
 from chancy.store import row_to_job
 
@@ -66,3 +67,28 @@ def test_row_to_job_equals_the_constructor() -> None:
         pass
     else:
         raise AssertionError("QueuedJob from a row is mutable")
+
+
+async def test_claimed_rows_read_by_position_match_rows_read_by_name(chancy: Chancy) -> None:
+    """The claim reads its rows as tuples; the jobs equal what the named columns give."""
+    await chancy.declare(Queue("pos", executor=Chancy.Executor.Async))
+    for i in range(3):
+        await chancy.push(
+            Job(
+                func="tests.jobs.noop",
+                queue="pos",
+                kwargs={"i": i},
+                meta={"m": i} if i else {},
+                limits=[Limit("time", 5)] if i == 2 else [],
+                priority=i,
+                concurrency_key="k" if i == 1 else None,
+            )
+        )
+    claim = await chancy._run(chancy.store.claim_jobs("pos", "pos-worker", 10))
+    assert [job.priority for job in claim.jobs] == [2, 1, 0]  # fetch order
+    by_name = {
+        job.id: job for job in await chancy._run(chancy.store.get_jobs([j.id for j in claim.jobs]))
+    }
+    for job in claim.jobs:
+        assert job == by_name[job.id]
+        assert job.taken_by == "pos-worker" and job.state is QueuedJob.State.RUNNING

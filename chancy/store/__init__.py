@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import sql
-from psycopg.rows import dict_row
+from psycopg.rows import dict_row, tuple_row
 from psycopg.types.json import Jsonb
 
 from chancy.errors import (
@@ -61,6 +61,14 @@ class CopyRows:
     chunks: Iterable[str] = ()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class TupleRows:
+    """Statement parameters whose result rows the drivers hand back as tuples, in column
+    order, instead of dicts: for hot statements read by position."""
+
+    params: Params
+
+
 _COPY_NULL = "\\N"
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
@@ -72,10 +80,11 @@ def copy_text(value: str) -> str:
     return value
 
 
-Statement = tuple[sql.Composed | sql.SQL, Params | CopyRows | None]
+Statement = tuple[sql.Composed | sql.SQL, Params | CopyRows | TupleRows | None]
 Row = dict[str, Any]
 #: A store operation: yields statements, receives each statement's rows, returns a value.
-Op = Generator[Statement, list[Row], T]
+#: Rows are dicts, or tuples for a statement whose parameters are :class:`TupleRows`.
+Op = Generator[Statement, list[Any], T]
 
 #: Batches of at least this many jobs without unique keys are pushed with COPY.
 COPY_MIN_JOBS = 100
@@ -859,17 +868,17 @@ class Store:
     def claim_jobs(self, queue: str, worker_id: str, limit: int) -> Op[Claim]:
         """Claim up to ``limit`` due jobs of ``queue`` within its rate limit and
         concurrency-key limit, in fetch order; says when a spent rate window reopens."""
-        rows = yield (
+        rows: list[Any] = yield (
             self.q("fetch_jobs_many"),
-            {"queue": queue, "worker_id": worker_id, "limit": limit},
+            TupleRows({"queue": queue, "worker_id": worker_id, "limit": limit}),
         )
         retry_in: float | None = None
         jobs = []
         for row in rows:
-            if row["id"] is None:
-                retry_in = row["retry_in"]
+            if row[0] is None:
+                retry_in = row[16]
             else:
-                jobs.append(row_to_job(row))
+                jobs.append(_claimed_job(row))
         jobs.sort(key=lambda j: (-j.priority, j.scheduled_at, j.id.uuid))
         return Claim(jobs, retry_in)
 
@@ -1192,6 +1201,54 @@ def row_to_job(row: Row) -> QueuedJob:
 _STATES = {state.value: state for state in QueuedJob.State}
 
 
+def _claimed_job(row: tuple[Any, ...]) -> QueuedJob:
+    """A :class:`QueuedJob` from a row of ``fetch_jobs_many`` (by position, as
+    :func:`row_to_job` does by name): a claimed job has no outcome, errors are not read."""
+    (
+        ident,
+        queue,
+        func,
+        kwargs,
+        meta,
+        limits,
+        priority,
+        state,
+        attempts,
+        max_attempts,
+        unique_key,
+        concurrency_key,
+        taken_by,
+        created_at,
+        scheduled_at,
+        started_at,
+        _,
+    ) = row
+    job = object.__new__(QueuedJob)
+    job.__dict__.update(
+        id=Reference(ident),
+        queue=queue,
+        func=func,
+        kwargs=kwargs,
+        meta=meta if meta is not None else {},
+        limits=[Limit.from_dict(limit) for limit in limits] if limits else [],
+        priority=priority,
+        max_attempts=max_attempts,
+        unique_key=unique_key,
+        concurrency_key=concurrency_key,
+        scheduled_at=scheduled_at,
+        state=_STATES[state],
+        attempts=attempts,
+        created_at=created_at,
+        started_at=started_at,
+        completed_at=None,
+        errors=[],
+        result=None,
+        taken_by=taken_by,
+        progress=None,
+    )
+    return job
+
+
 def row_to_queue(row: Row) -> Queue:
     """Build a :class:`Queue` from a queues row."""
     return Queue(
@@ -1237,6 +1294,7 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
             statement = next(op)
             while True:
                 query, params = statement
+                rows: list[Any]
                 if isinstance(params, CopyRows):
                     async with cur.copy(query) as copy:
                         if params.text:
@@ -1246,6 +1304,10 @@ async def arun(target: psycopg.AsyncConnection[Any] | psycopg.AsyncCursor[Any], 
                         for values in params.rows:
                             await copy.write_row(values)
                     rows = []
+                elif isinstance(params, TupleRows):
+                    async with conn.cursor(row_factory=tuple_row) as tuples:
+                        await tuples.execute(query, params.params)
+                        rows = await tuples.fetchall() if tuples.description is not None else []
                 else:
                     await cur.execute(query, params)
                     rows = await cur.fetchall() if cur.description is not None else []
@@ -1258,7 +1320,7 @@ async def arun_pipelined(conn: psycopg.AsyncConnection[Any], ops: Sequence[Op[An
     """Run single-statement operations in one round trip (pipeline mode); each statement
     is its own transaction on an autocommit connection. Returns their results in order."""
     results: list[Any] = [None] * len(ops)
-    started: list[tuple[int, psycopg.AsyncCursor[Row]]] = []
+    started: list[tuple[int, psycopg.AsyncCursor[Any]]] = []
     # Leaving the block sends the one Sync and reads every result: an explicit sync()
     # inside it would cost a second round trip (the exit always syncs again).
     async with conn.pipeline():
@@ -1268,10 +1330,16 @@ async def arun_pipelined(conn: psycopg.AsyncConnection[Any], ops: Sequence[Op[An
             except StopIteration as stop:
                 results[index] = stop.value
                 continue
-            if isinstance(statement[1], CopyRows):
+            query, params = statement
+            if isinstance(params, CopyRows):
                 raise RuntimeError("arun_pipelined cannot run COPY")
-            cur = conn.cursor(row_factory=dict_row)
-            await cur.execute(statement[0], statement[1])
+            cur: psycopg.AsyncCursor[Any]
+            if isinstance(params, TupleRows):
+                cur = conn.cursor(row_factory=tuple_row)
+                await cur.execute(query, params.params)
+            else:
+                cur = conn.cursor(row_factory=dict_row)
+                await cur.execute(query, params)
             started.append((index, cur))
     for index, cur in started:
         rows = await cur.fetchall() if cur.description is not None else []
@@ -1293,6 +1361,7 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
             statement = next(op)
             while True:
                 query, params = statement
+                rows: list[Any]
                 if isinstance(params, CopyRows):
                     with cur.copy(query) as copy:
                         if params.text:
@@ -1302,6 +1371,10 @@ def run(target: psycopg.Connection[Any] | psycopg.Cursor[Any], op: Op[T]) -> T:
                         for values in params.rows:
                             copy.write_row(values)
                     rows = []
+                elif isinstance(params, TupleRows):
+                    with conn.cursor(row_factory=tuple_row) as tuples:
+                        tuples.execute(query, params.params)
+                        rows = tuples.fetchall() if tuples.description is not None else []
                 else:
                     cur.execute(query, params)
                     rows = cur.fetchall() if cur.description is not None else []

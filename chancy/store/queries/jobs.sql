@@ -68,7 +68,10 @@ FROM inserted AS i
 -- then longest due, counting the attempt now, within the queue's rate limit and
 -- concurrency-key limit. A row without an id means the rate limit's window is spent and
 -- gives the seconds until it reopens (migrations 0002 and 0003 explain the function).
-SELECT * FROM {fetch_jobs}(%(queue)s, %(worker_id)s, %(limit)s)
+-- The columns are listed: Store.claim_jobs reads the rows by position.
+SELECT id, queue, func, kwargs, meta, limits, priority, state, attempts, max_attempts,
+       unique_key, concurrency_key, taken_by, created_at, scheduled_at, started_at, retry_in
+FROM {fetch_jobs}(%(queue)s, %(worker_id)s, %(limit)s)
 
 -- name: complete_jobs_batch
 -- Records many outcomes at once, guarded by their claims (migration 0005 explains the
