@@ -92,7 +92,7 @@ class Executor(abc.ABC):
     SHORT_JOB_PACE = 10.0
     SHORT_JOB_PREFETCH = 2
     #: How often (seconds) the pace is measured.
-    PACE_PERIOD = 0.25
+    PACE_PERIOD = 0.05
 
     def __init__(
         self, worker: Worker, queue: Queue, concurrency: int | None = None, **options: Any
