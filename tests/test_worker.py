@@ -450,8 +450,16 @@ async def test_claims_never_exceed_concurrency_while_outcomes_are_unwritten(
     chancy: Chancy,
 ) -> None:
     """Outcomes are written on a slow tick here; the worker must not claim more jobs than
-    it can run while earlier outcomes wait to be written."""
-    await chancy.declare(Queue("q", executor=Chancy.Executor.Async, concurrency=3))
+    it can run while earlier outcomes wait to be written. (Prefetch off: short jobs would
+    otherwise let the executor hold 2 x concurrency more claims, on purpose.)"""
+    await chancy.declare(
+        Queue(
+            "q",
+            executor=Chancy.Executor.Async,
+            concurrency=3,
+            executor_options={"prefetch": 0},
+        )
+    )
     refs = [
         r
         async for batch in chancy.push_many([Job(func="tests.jobs.noop", queue="q")] * 40)
