@@ -172,10 +172,16 @@ async def test_one_leader_failover_and_release(chancy: Chancy, workers: Workers)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop_sampling.wait(), 0.05)
 
+    async def sampled(worker_id: str) -> bool:
+        return any(worker_id in leaders for leaders in samples)
+
     sampler = asyncio.create_task(sample())
     try:
         first = await eventually(lambda: lease(chancy), timeout=5, what="a leader")
         leader = by_id[first["worker_id"]]
+        # The sampler must have seen each leader before it goes (a loaded machine can
+        # make one sample take longer than a short tenure).
+        await eventually(lambda: sampled(leader.worker_id), timeout=5, what="a sample")
 
         killed = time.monotonic()
         leader.send(signal.SIGKILL)
@@ -191,6 +197,10 @@ async def test_one_leader_failover_and_release(chancy: Chancy, workers: Workers)
         print(f"leader kill -9: new leader after {time.monotonic() - killed:.2f} s")
         successor = by_id[second["worker_id"]]
         await successor.line(r"^LEADER gained", 5)
+        await eventually(lambda: sampled(successor.worker_id), timeout=5, what="a sample")
+        # The lease as it stands just before the stop (renewed while we sampled).
+        second = await eventually(new_leader, timeout=5, what="the successor's lease")
+        assert second["worker_id"] == successor.worker_id
 
         # A clean stop releases the lease: the last worker takes it at its next poll
         # instead of waiting for the lease to expire.
