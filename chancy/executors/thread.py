@@ -168,7 +168,8 @@ class ThreadedExecutor(Executor):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: The prefetch is sized from job durations unless the option fixes it.
-        self._min_prefetch = self.prefetch if "prefetch" not in self.options else None
+        self._min_prefetch = None if "prefetch" in self.options else self._fixed_prefetch
+        self._sized_prefetch = self._fixed_prefetch
         #: Recent job duration in seconds (rises quickly, falls slowly); None until a
         #: job has run.
         self._duration: float | None = None
@@ -191,7 +192,10 @@ class ThreadedExecutor(Executor):
         #: Whether the tick is armed (set on the loop, read by the threads).
         self._ticking = False
         self._kick_scheduled = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def prefetch(self) -> int:
+        return self._sized_prefetch
 
     @property
     def buffered(self) -> int:
@@ -343,7 +347,7 @@ class ThreadedExecutor(Executor):
         if floor is None or recent is None:
             return
         wanted = self.concurrency * self.prefetch_horizon / max(recent, 1e-6)
-        self.prefetch = max(floor, min(int(wanted), self.max_prefetch))
+        self._sized_prefetch = max(floor, min(int(wanted), self.max_prefetch))
 
     def _schedule_delivery(self) -> None:
         loop = self._loop
