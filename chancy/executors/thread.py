@@ -104,7 +104,7 @@ class _Run:
     def __init__(self, executor: ThreadedExecutor, job: QueuedJob) -> None:
         self.executor = executor
         self.job = job
-        self.seconds = time_limit(job)
+        self.seconds = time_limit(job) if job.limits else None
         #: When it was handed to the threads (time.monotonic()).
         self.claimed = time.monotonic()
         #: The latest progress report not yet handed to the loop.
@@ -206,18 +206,23 @@ class ThreadedExecutor(Executor):
         self.running[job.id] = job
         self.idle.clear()
         try:
-            await self.start_job(job)
+            self._enqueue(job)
         except Exception:
             self.report(job, Kind.ERROR, error=traceback.format_exc())
 
     async def start_job(self, job: QueuedJob) -> None:
-        self._loop = asyncio.get_running_loop()
-        with self._state_lock:
-            self._waiting.append(_Run(self, job))
+        self._enqueue(job)
+
+    def _enqueue(self, job: QueuedJob) -> None:
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        # deque.append is atomic; the threads take jobs (popleft) under _state_lock.
+        self._waiting.append(_Run(self, job))
         if not self._kick_scheduled:
             # Once the worker has handed over this batch of jobs, not once per job.
             self._kick_scheduled = True
-            self._loop.call_soon(self._kick)
+            loop.call_soon(self._kick)
 
     def _kick(self) -> None:
         """Wake a thread for newly claimed jobs unless one is awake already; the tick
