@@ -195,6 +195,7 @@ class ThreadedExecutor(Executor):
 
     @property
     def prefetch(self) -> int:
+        """Claimed jobs that may wait for a thread (see :class:`ThreadedExecutor`)."""
         return self._sized_prefetch
 
     @property
