@@ -435,6 +435,8 @@ class ThreadedExecutor(Executor):
     async def interrupt(self, ref: Reference, kind: Kind) -> None:
         """A job not started yet never runs; a started one keeps its thread until it
         returns (a thread cannot be pre-empted) but gives up its slot now."""
+        # A job that already ended is recorded as it ended, not as interrupted.
+        self._deliver_reports()
         job = self.running.get(ref)
         if job is None:
             return
