@@ -175,7 +175,8 @@ class ThreadedExecutor(Executor):
         self._duration: float | None = None
         self._connections: ConnectionPool | None = None
         self._connections_lock = threading.Lock()
-        # Shared with the job threads, all under _state_lock:
+        # Shared with the job threads, under _state_lock (but for appends to _waiting
+        # from the loop: deque.append is atomic):
         self._state_lock = threading.Lock()
         #: Claimed jobs no thread has started yet (the prefetch buffer).
         self._waiting: collections.deque[_Run] = collections.deque()
