@@ -65,6 +65,9 @@ def uuid7() -> uuid.UUID:
     return uuid.UUID(int=value)
 
 
+_UUID = uuid.UUID  # Reference's body shadows the module name with its ``uuid`` property
+
+
 class Reference:
     """A handle on a pushed job: wraps its UUID and compares equal to its str or UUID.
 
@@ -113,6 +116,14 @@ class Reference:
         if self._hash is None:
             self._hash = hash(str(self._id))
         return self._hash
+
+    @classmethod
+    def _of(cls, value: _UUID) -> Reference:
+        # For UUIDs read from the database: no type dispatch.
+        ref = object.__new__(cls)
+        ref._id = value
+        ref._hash = None
+        return ref
 
     def __reduce__(self) -> tuple[type[Reference], tuple[object]]:
         # The cached hash is per process (str hashing is salted): never carry it along.

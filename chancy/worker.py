@@ -112,6 +112,8 @@ class Worker:
         self._reconfigured: dict[str, asyncio.Event] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._outcomes: list[Outcome] = []
+        #: How many of ``_outcomes`` belong to each queue (the fetch loop reads it often).
+        self._outcomes_by_queue: collections.Counter[str] = collections.Counter()
         self._outcomes_ready = asyncio.Event()
         self._refresh_queues = asyncio.Event()
         self._started = asyncio.Event()
@@ -535,7 +537,7 @@ class Worker:
             # Finished jobs whose outcome is not written yet hold their slot, so that a
             # slow database cannot make this worker claim more than it can run. Pending
             # outcomes are written in the same round trip as the fetch.
-            writable = sum(1 for outcome in self._outcomes if outcome.job.queue == name)
+            writable = self._outcomes_by_queue[name]
             unrecorded = self._unrecorded[name] - writable
             free = min(executor.free_slots, executor.capacity - unrecorded)
             if free <= 0:
@@ -720,6 +722,7 @@ class Worker:
     def _queue_outcome(self, outcome: Outcome) -> None:
         self._encode_result(outcome)
         self._outcomes.append(outcome)
+        self._outcomes_by_queue[outcome.job.queue] += 1
         self._outcomes_ready.set()
         self.hub.emit("job.completed", outcome)
 
@@ -762,11 +765,13 @@ class Worker:
     def _take_outcomes(self) -> list[Outcome]:
         self._outcomes_ready.clear()
         batch, self._outcomes = self._outcomes, []
+        self._outcomes_by_queue.clear()
         return batch
 
     def _return_outcomes(self, batch: list[Outcome]) -> None:
         # Kept for the next write; the claim guard makes writing one twice harmless.
         self._outcomes[:0] = batch
+        self._outcomes_by_queue.update(outcome.job.queue for outcome in batch)
         if self._outcomes:
             self._outcomes_ready.set()
 

@@ -1221,47 +1221,34 @@ _STATES = {state.value: state for state in QueuedJob.State}
 def _claimed_job(row: tuple[Any, ...]) -> QueuedJob:
     """A :class:`QueuedJob` from a row of ``fetch_jobs_many`` (by position, as
     :func:`row_to_job` does by name): a claimed job has no outcome, errors are not read."""
-    (
-        ident,
-        queue,
-        func,
-        kwargs,
-        meta,
-        limits,
-        priority,
-        state,
-        attempts,
-        max_attempts,
-        unique_key,
-        concurrency_key,
-        taken_by,
-        created_at,
-        scheduled_at,
-        started_at,
-        _,
-    ) = row
+    meta, limits = row[4], row[5]
     job = object.__new__(QueuedJob)
-    job.__dict__.update(
-        id=Reference(ident),
-        queue=queue,
-        func=func,
-        kwargs=kwargs,
-        meta=meta if meta is not None else {},
-        limits=[Limit.from_dict(limit) for limit in limits] if limits else [],
-        priority=priority,
-        max_attempts=max_attempts,
-        unique_key=unique_key,
-        concurrency_key=concurrency_key,
-        scheduled_at=scheduled_at,
-        state=_STATES[state],
-        attempts=attempts,
-        created_at=created_at,
-        started_at=started_at,
-        completed_at=None,
-        errors=[],
-        result=None,
-        taken_by=taken_by,
-        progress=None,
+    # One dict, set as the instance's namespace (the frozen dataclass forbids setattr).
+    object.__setattr__(
+        job,
+        "__dict__",
+        {
+            "id": Reference._of(row[0]),
+            "queue": row[1],
+            "func": row[2],
+            "kwargs": row[3],
+            "meta": meta if meta is not None else {},
+            "limits": [Limit.from_dict(limit) for limit in limits] if limits else [],
+            "priority": row[6],
+            "state": _STATES[row[7]],
+            "attempts": row[8],
+            "max_attempts": row[9],
+            "unique_key": row[10],
+            "concurrency_key": row[11],
+            "taken_by": row[12],
+            "created_at": row[13],
+            "scheduled_at": row[14],
+            "started_at": row[15],
+            "completed_at": None,
+            "errors": [],
+            "result": None,
+            "progress": None,
+        },
     )
     return job
 
