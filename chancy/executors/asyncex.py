@@ -15,8 +15,10 @@ from chancy.executors.base import (
     Kind,
     classify_exception,
     connection_parameter,
+    current_job,
     exception_types,
     import_function,
+    injected_parameters,
     interrupt_message,
     is_async,
     prepare_call,
@@ -85,6 +87,13 @@ class AsyncExecutor(Executor):
     async def _call(self, job: QueuedJob) -> tuple[Any, bool]:
         """Run the job; returns its result and whether its outcome is already committed."""
         func = import_function(job.func)
+        if is_async(func) and not injected_parameters(func):
+            # The common case, without prepare_call's copy of the kwargs.
+            current_job.set(job)
+            result = await func(**job.kwargs)
+            if result is not None and inspect.isawaitable(result):
+                result = await result
+            return result, False
         wanted = connection_parameter(func)
         if wanted is not None and wanted[1] == "async_connection" and is_async(func):
             return await self._call_in_transaction(job, wanted[0]), True
