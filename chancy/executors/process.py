@@ -77,6 +77,17 @@ _LOCK_WAIT = 0.002
 _READ_SIZE = 1 << 18
 
 
+def _preload_chancy() -> None:
+    """Have the fork server import Chancy (and so psycopg) once: each child is then a
+    fork with it loaded instead of an interpreter that imports it all again. Left alone
+    if the application chose its own preload list."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    if getattr(server, "_preload_modules", None) == ["__main__"]:
+        forkserver.set_forkserver_preload(["__main__", __name__])
+
+
 class _Slot:
     """A job sent to a child and not reported yet."""
 
@@ -137,6 +148,8 @@ class ProcessExecutor(Executor):
             "forkserver" if sys.platform.startswith("linux") else "spawn"
         )
         self._context = multiprocessing.get_context(method)
+        if method == "forkserver":
+            _preload_chancy()
         self._kill_grace = float(self.options.get("kill_grace", 5))
         self._max_jobs: int | None = self.options.get("max_jobs_per_child")
         #: Jobs a child holds at most: the one it runs and those queued behind it.
@@ -157,6 +170,11 @@ class ProcessExecutor(Executor):
 
     @property
     def capacity(self) -> int:
+        if not self._children:
+            # Claim nothing while no child can run it (at start, or after the last one
+            # died): a child's arrival sets slot_freed, which wakes the fetch loop.
+            self._start_child()
+            return 0
         return max(super().capacity, self.concurrency * self._depth)
 
     @property
@@ -303,11 +321,23 @@ class ProcessExecutor(Executor):
         while (
             len(self._children) + self._spawning < self.concurrency
             and waiting > self._spawning * self._depth
+            and self._start_child()
         ):
-            self._spawning += 1
-            task = asyncio.ensure_future(self._spawn())
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            pass
+
+    def _start_child(self) -> bool:
+        # While no child is up, one start at a time: the first also starts the fork server.
+        if self._closing or (self._spawning and not self._children):
+            return False
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._spawning += 1
+        task = loop.create_task(self._spawn())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
 
     async def _spawn(self) -> None:
         try:
@@ -323,6 +353,7 @@ class ProcessExecutor(Executor):
             return
         self._children.append(child)
         self.worker.loop.add_reader(child.fd, self._on_readable, child)
+        self.slot_freed.set()
         self._rebalance()
 
     def _spawn_sync(self) -> _Child:
