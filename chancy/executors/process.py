@@ -69,7 +69,7 @@ _REVOKED = -2
 #: waiting behind it move to a child with room.
 LONG_JOB_SECONDS = 0.05
 #: While jobs are short, a child may hold up to this many (by default, see below) ...
-MAX_DEPTH = 32
+MAX_DEPTH = 128
 #: ... as long as they add up to about this much work.
 QUEUE_SECONDS = 0.02
 #: How long the event loop waits for a child's lock (held for a few bytecodes).
@@ -175,7 +175,14 @@ class ProcessExecutor(Executor):
             # died): a child's arrival sets slot_freed, which wakes the fetch loop.
             self._start_child()
             return 0
-        return max(super().capacity, self.concurrency * self._depth)
+        if not self._adaptive:
+            return super().capacity
+        # A child busy with a long job holds only that one: nothing waits behind it.
+        now = self.worker.loop.time()
+        total = (self.concurrency - len(self._children)) * self._depth
+        for child in self._children:
+            total += 1 if self._is_long(child, now) else self._depth
+        return total
 
     @property
     def buffered(self) -> int:
@@ -213,8 +220,11 @@ class ProcessExecutor(Executor):
             self._assign_soon = True
             self.worker.loop.call_soon(self._assign)
 
+    def _is_long(self, child: _Child, now: float) -> bool:
+        return bool(child.slots) and now - child.head_since >= LONG_JOB_SECONDS
+
     def _room(self, child: _Child, now: float) -> int:
-        if not child.alive or (child.slots and now - child.head_since >= LONG_JOB_SECONDS):
+        if not child.alive or self._is_long(child, now):
             return 0
         room = self._depth - len(child.slots)
         if self._max_jobs:
@@ -556,7 +566,7 @@ class ProcessExecutor(Executor):
         for child in list(self._children):
             if room <= 0:
                 break
-            if len(child.slots) < 2 or now - child.head_since < LONG_JOB_SECONDS:
+            if len(child.slots) < 2 or not self._is_long(child, now):
                 continue
             # The oldest waiting jobs move first; a busy lock is tried on the next look.
             revoked = self._revoke(child, list(child.slots)[1 : 1 + room]) or []
