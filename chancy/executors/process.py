@@ -337,7 +337,9 @@ class ProcessExecutor(Executor):
 
     def _start_child(self) -> bool:
         # While no child is up, one start at a time: the first also starts the fork server.
-        if self._closing or (self._spawning and not self._children):
+        if self._closing or self.worker.stopping.is_set():
+            return False
+        if self._spawning and not self._children:
             return False
         try:
             loop = asyncio.get_running_loop()
@@ -799,6 +801,11 @@ def _child_run(message: dict[str, Any], resource: Any, fd: int | None = None) ->
         if memory and resource is not None:
             old_limit = resource.getrlimit(resource.RLIMIT_AS)
             resource.setrlimit(resource.RLIMIT_AS, (int(memory), old_limit[1]))
+        # A previous job may have installed handlers of its own.
+        if signal.getsignal(CANCEL_SIGNAL) is not _raise_cancelled:
+            signal.signal(CANCEL_SIGNAL, _raise_cancelled)
+        if seconds and signal.getsignal(signal.SIGALRM) is not _raise_timeout:
+            signal.signal(signal.SIGALRM, _raise_timeout)
         _running = seq
         if seconds:
             signal.setitimer(signal.ITIMER_REAL, float(seconds))
