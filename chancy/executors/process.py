@@ -1,9 +1,10 @@
 """Run jobs in a pool of long-lived child processes (the default executor).
 
-Each child owns a socket to the worker and a short queue of jobs: the worker sends several
-jobs per message (up to ``1 + prefetch / concurrency`` per child), a child runs its next
-job without waiting for the worker, and the worker reads every reply a child has written
-in one go. Messages are JSON lines, never pickle.
+Each child owns a socket to the worker and a queue of jobs: the worker sends several jobs
+per message, a child runs its next job without waiting for the worker, and the worker
+reads every reply a child has written in one go. Messages are JSON lines, never pickle.
+A queue holds ``1 + prefetch / concurrency`` jobs, or by default (no ``prefetch`` option)
+up to ``MAX_DEPTH`` while recent jobs are short enough to fit ``QUEUE_SECONDS``.
 
 A child may start a job only by taking its permit, a cell in memory it shares with the
 worker, under a per-child lock. So the worker knows which job a child started: it can take
@@ -68,9 +69,9 @@ _REVOKED = -2
 #: A job running this long is long: nothing more is queued behind it, and the jobs
 #: waiting behind it move to a child with room.
 LONG_JOB_SECONDS = 0.05
-#: While jobs are short, a child may hold up to this many (by default, see below) ...
+#: Without a ``prefetch`` option, a child's queue grows to this many jobs at most ...
 MAX_DEPTH = 128
-#: ... as long as they add up to about this much work.
+#: ... while the recent jobs' average duration fits that many in about this long.
 QUEUE_SECONDS = 0.02
 #: How long the event loop waits for a child's lock (held for a few bytecodes).
 _LOCK_WAIT = 0.002
@@ -134,8 +135,9 @@ class ProcessExecutor(Executor):
     seconds (default 5), ``max_jobs_per_child`` (recycle a child after N jobs; default
     never), ``initializer`` (import path of a function each child calls once before its
     first job, e.g. ``chancy.contrib.django.setup_child``), ``prefetch`` (claimed jobs held
-    beyond one per child; default 3 x concurrency, spread over the children's queues; 0
-    claims only as many jobs as there are idle children and sends one job at a time).
+    beyond one per child, queued in the children; 0 claims only as many jobs as there are
+    idle children). Without it, each child holds 4 jobs, and up to 128 while jobs are
+    short (about 20 ms of work); a child busy with a job for over 50 ms holds only it.
     """
 
     default_concurrency = os.cpu_count() or 2
@@ -583,7 +585,12 @@ class ProcessExecutor(Executor):
             return await super().interrupt(ref, kind)
         child, slot = entry
         revoked = self._revoke(child, [slot])
+        give_up = self.worker.loop.time() + self._kill_grace
         while revoked is None:
+            if self.worker.loop.time() > give_up:
+                # A child stopped while it held its lock: its death settles the job.
+                with contextlib.suppress(Exception):
+                    child.process.kill()
             await asyncio.sleep(0.01)
             if self._assigned.get(ref) is not entry:
                 return await self.interrupt(ref, kind)  # reported, or back in the buffer
