@@ -417,24 +417,29 @@ class ProcessExecutor(Executor):
     # -- replies ----------------------------------------------------------------------
 
     def _on_readable(self, child: _Child) -> None:
+        if self._read_replies(child) is None:
+            self._child_died(child)
+
+    def _read_replies(self, child: _Child) -> bool | None:
+        """Handle the complete reply lines the socket holds: True if it may hold more,
+        False if it had nothing to read, None at the end of the stream."""
         try:
             data = os.read(child.fd, _READ_SIZE)
         except BlockingIOError:
-            return
+            return False
         except OSError:
             data = b""
         if not data:
-            self._child_died(child)
-            return
+            return None
         child.inbox += data
-        if b"\n" not in data:
-            return
-        *lines, rest = child.inbox.split(b"\n")
-        child.inbox = rest
-        for line in lines:
-            self._on_message(child, json.loads(line))
-            if not child.alive:
-                return
+        if b"\n" in data:
+            *lines, rest = child.inbox.split(b"\n")
+            child.inbox = rest
+            for line in lines:
+                self._on_message(child, json.loads(line))
+                if not child.alive:
+                    break
+        return True
 
     def _on_message(self, child: _Child, reply: dict[str, Any]) -> None:
         seq = reply.get("seq")
@@ -475,6 +480,10 @@ class ProcessExecutor(Executor):
             self._schedule_assign()
 
     def _child_died(self, child: _Child) -> None:
+        # Noticed by a failed write, the replies it wrote before it died may still wait
+        # in the socket: the jobs they report ended, whatever killed the child after.
+        while child.alive and self._read_replies(child):
+            pass
         if not child.alive:
             return
         self._discard(child)
