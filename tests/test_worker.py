@@ -584,7 +584,7 @@ async def test_dead_idle_child_is_replaced_without_using_an_attempt(chancy: Chan
         assert (await chancy.wait_for_job(first, timeout=20)).state == "succeeded"  # type: ignore[union-attr]
         executor = worker.executors["q"]
         assert isinstance(executor, ProcessExecutor)
-        (idle,) = executor._idle
+        (idle,) = executor._children
         idle.process.kill()
         await asyncio.to_thread(idle.process.join, 10)
         refs = [await chancy.push(Job(func="tests.jobs.record_pid", queue="q")) for _ in range(3)]
