@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from chancy.errors import (
@@ -227,8 +227,19 @@ class Executor(abc.ABC):
         """Hand back every prefetched job not started yet (worker shutdown): reported
         INTERRUPTED, so it returns to the queue without using up its attempt."""
         while self._buffer:
-            job = self._buffer.pop(next(iter(self._buffer)))
+            job = self._take_buffered()
             self.report(job, Kind.INTERRUPTED, error=interrupt_message(Kind.INTERRUPTED, job))
+
+    def _take_buffered(self) -> QueuedJob:
+        """The oldest job of the prefetch buffer, taken out of it."""
+        return self._buffer.pop(next(iter(self._buffer)))
+
+    def _buffer_first(self, jobs: Iterable[QueuedJob]) -> None:
+        """Put ``jobs`` back at the front of the prefetch buffer, in their order."""
+        front = {job.id: job for job in jobs}
+        if front:
+            front.update(self._buffer)
+            self._buffer = front
 
     def _fill_slots(self) -> None:
         """Start buffered jobs while slots are free (hand them back once stopping)."""
@@ -240,7 +251,7 @@ class Executor(abc.ABC):
                 if self.worker.stopping.is_set():
                     self.release_buffered()
                     return
-                job = self._buffer.pop(next(iter(self._buffer)))
+                job = self._take_buffered()
                 if self._start_nowait(job):
                     continue
                 started = asyncio.ensure_future(self._start(job))

@@ -158,7 +158,7 @@ class ProcessExecutor(Executor):
         self._base_depth = -(-super().capacity // self.concurrency)
         self._depth = self._base_depth
         #: Without an explicit ``prefetch``, the depth follows the jobs' duration.
-        self._adaptive = "prefetch" not in self.options
+        self._adaptive_depth = "prefetch" not in self.options
         self._job_seconds = 1.0  # a moving average, from the children's replies
         self._children: list[_Child] = []
         self._spawning = 0
@@ -177,7 +177,7 @@ class ProcessExecutor(Executor):
             # died): a child's arrival sets slot_freed, which wakes the fetch loop.
             self._start_child()
             return 0
-        if not self._adaptive:
+        if not self._adaptive_depth:
             return super().capacity
         # A child busy with a long job holds only that one: nothing waits behind it.
         now = self.worker.loop.time()
@@ -197,7 +197,7 @@ class ProcessExecutor(Executor):
         jobs need deep queues so that children never wait for a fetch; long ones keep
         the base depth, so that claimed jobs do not wait here while other workers idle."""
         self._job_seconds += (seconds - self._job_seconds) / 16
-        if self._adaptive:
+        if self._adaptive_depth:
             fit = int(QUEUE_SECONDS / max(self._job_seconds, 1e-6))
             self._depth = max(self._base_depth, min(fit, MAX_DEPTH))
 
@@ -208,7 +208,7 @@ class ProcessExecutor(Executor):
         child."""
         self.running[job.id] = job
         self.idle.clear()
-        self._buffer.append(job)
+        self._buffer[job.id] = job
         self._schedule_assign()
 
     async def start_job(self, job: QueuedJob) -> None:
@@ -250,7 +250,7 @@ class ProcessExecutor(Executor):
             child = max(rooms, key=rooms.__getitem__, default=None)
             if child is None or rooms[child] <= 0:
                 break
-            job = self._buffer.popleft()
+            job = self._take_buffered()
             rooms[child] -= 1
             batches.setdefault(child, []).append(self._enqueue(child, job, now))
         for child, slots in batches.items():
@@ -397,7 +397,7 @@ class ProcessExecutor(Executor):
         if self._children or self._spawning:
             return  # the others serve the buffer
         while self._buffer:
-            self.report(self._buffer.popleft(), Kind.ERROR, error=error)
+            self.report(self._take_buffered(), Kind.ERROR, error=error)
 
     def _discard(self, child: _Child) -> None:
         child.alive = False
@@ -499,8 +499,8 @@ class ProcessExecutor(Executor):
                 slot.timer.cancel()
             self._assigned.pop(slot.job.id, None)
         # Never started: still claimed, attempt unchanged; they run on another child.
-        self._buffer.extendleft(
-            slot.job for slot in reversed(unstarted) if self.running.get(slot.job.id) is slot.job
+        self._buffer_first(
+            slot.job for slot in unstarted if self.running.get(slot.job.id) is slot.job
         )
         for slot in started:
             kind = slot.kind or Kind.DIED
@@ -585,7 +585,7 @@ class ProcessExecutor(Executor):
             revoked = self._revoke(child, list(child.slots)[1 : 1 + room]) or []
             moved.extend(slot.job for slot in revoked)
             room -= len(revoked)
-        self._buffer.extendleft(reversed(moved))
+        self._buffer_first(moved)
         self._assign()
 
     async def interrupt(self, ref: Reference, kind: Kind) -> None:
