@@ -264,12 +264,18 @@ async def backlog(dsn: str, finished: int, pending: int) -> None:
             done = await chancy.wait_for_jobs(urgent, interval=0.05, timeout=30)
             assert {j.state for j in done} == {"succeeded"} and len(done) == 100
             last_urgent = max(j.started_at for j in done if j.started_at is not None)
+            pushed = min(j.created_at for j in done if j.created_at is not None)
             async with chancy.pool.connection() as conn:
+                # Backlog jobs claimed once the urgent push began and before the last urgent
+                # job: the fetches that began before the push committed (they cannot see
+                # it) and the room left in the last urgent fetch. (How many ran before the
+                # push only says how fast the backlog drains.)
                 cur = await conn.execute(
                     sql.SQL(
-                        "SELECT count(*) FROM {} WHERE id = ANY(%s::uuid[]) AND started_at <= %s"
+                        "SELECT count(*) FROM {} WHERE id = ANY(%s::uuid[]) "
+                        "AND started_at > %s AND started_at <= %s"
                     ).format(jobs_table),
-                    ([r.uuid for r in refs], last_urgent),
+                    ([r.uuid for r in refs], pushed, last_urgent),
                 )
                 row = await cur.fetchone()
                 assert row is not None
@@ -279,10 +285,13 @@ async def backlog(dsn: str, finished: int, pending: int) -> None:
             "backlog",
             finished=finished,
             pending=pending,
-            backlog_started_before_last_urgent=ahead,
+            backlog_claimed_after_urgent_push=ahead,
             share=ahead / pending,
         )
-        assert ahead < pending // 10, f"{ahead} backlog jobs started before the urgent ones"
+        # A few fetches' room at most (concurrency 20 plus the short-job prefetch, 2 x 20,
+        # each; a loaded machine slows the push more than the drain). Without priorities
+        # nearly every remaining backlog job counts (4,620 of 5,000 when tried).
+        assert ahead <= 5 * 3 * 20, f"{ahead} backlog jobs were claimed ahead of urgent ones"
 
 
 async def test_backlog_behind_finished_history(dsn: str) -> None:
