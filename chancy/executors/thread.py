@@ -188,7 +188,7 @@ class ThreadedExecutor(Executor):
         self._threads = 0
         self._closed = False
         #: Finished jobs for the loop, and whether a delivery to the loop is scheduled.
-        self._reports: list[Report] = []
+        self._reports: list[tuple[_Run, Report]] = []
         self._delivery_scheduled = False
         #: Whether the tick is armed (set on the loop, read by the threads).
         self._ticking = False
@@ -313,7 +313,7 @@ class ThreadedExecutor(Executor):
                     if self._started.get(run.job.id) is run:  # else abandoned: slot gone
                         del self._started[run.job.id]
                     self._searching += 1
-                    self._reports.append(report)
+                    self._reports.append((run, report))
                     if not self._delivery_scheduled and not (
                         self._ticking and self._startable_locked()
                     ):
@@ -380,8 +380,7 @@ class ThreadedExecutor(Executor):
         self._size_prefetch()
         if ticking and self._loop is not None:
             self._loop.call_later(self.tick, self._tick)
-        for job, kind, fields in reports:
-            self.report(job, kind, **fields)
+        self._report_all(reports)
 
     def _deliver_reports(self) -> None:
         """On the loop: record every job the threads finished since the last delivery."""
@@ -389,7 +388,14 @@ class ThreadedExecutor(Executor):
             reports, self._reports = self._reports, []
             self._delivery_scheduled = False
         self._size_prefetch()
-        for job, kind, fields in reports:
+        self._report_all(reports)
+
+    def _report_all(self, reports: list[tuple[_Run, Report]]) -> None:
+        for run, (job, kind, fields) in reports:
+            # A progress report still on its way to the loop goes first: once the job is
+            # recorded, a late one is dropped (the hop and this delivery can come in
+            # either order).
+            run._deliver_progress()
             self.report(job, kind, **fields)
 
     def _execute(self, run: _Run) -> Report:
