@@ -4,16 +4,17 @@ push stores, and prefetched (claimed, not started) jobs keep the claim semantics
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import psycopg
 import pytest
 
-from chancy import Chancy, Job, Limit, Queue, QueuedJob, Worker
+from chancy import Chancy, Job, Limit, Queue, QueuedJob, Reference, Worker
 from chancy import store as store_module
 from chancy.errors import ConfigurationError, JobArgumentsError, UnknownQueueError
 from tests import jobs_perf
@@ -214,8 +215,11 @@ async def test_prefetched_jobs_are_handed_back_on_shutdown(chancy: Chancy, gate:
     gate.set()
 
 
-async def test_prefetched_job_runs_when_a_slot_frees(chancy: Chancy, gate: Any) -> None:
-    await chancy.declare(
+@contextlib.asynccontextmanager
+async def one_busy_slot(app: Chancy) -> AsyncIterator[tuple[Worker, Reference]]:
+    """A worker serving queue "q" with one thread and room for one prefetched job, its
+    slot taken by a job that waits for the gate; yields the worker and that job."""
+    await app.declare(
         Queue(
             "q",
             executor=Chancy.Executor.Threaded,
@@ -223,9 +227,14 @@ async def test_prefetched_job_runs_when_a_slot_frees(chancy: Chancy, gate: Any) 
             executor_options={"prefetch": 1},
         )
     )
-    blocker = await chancy.push(Job(func="tests.jobs_perf.wait_gate", queue="q"))
-    async with worker_for(chancy) as worker:
-        await chancy.wait_for_job(blocker, states=["running"], timeout=15)
+    blocker = await app.push(Job(func="tests.jobs_perf.wait_gate", queue="q"))
+    async with worker_for(app) as worker:
+        await app.wait_for_job(blocker, states=["running"], timeout=15)
+        yield worker, blocker
+
+
+async def test_prefetched_job_runs_when_a_slot_frees(chancy: Chancy, gate: Any) -> None:
+    async with one_busy_slot(chancy) as (worker, _):
         nxt = await chancy.push(Job(func="tests.jobs_perf.record", queue="q", kwargs={"n": 7}))
         await poll(lambda: worker.executors["q"].buffered == 1)
         assert jobs_perf.RAN == []  # only one slot: it waits
@@ -236,17 +245,7 @@ async def test_prefetched_job_runs_when_a_slot_frees(chancy: Chancy, gate: Any) 
 
 
 async def test_cancelled_prefetched_job_never_runs(chancy: Chancy, gate: Any) -> None:
-    await chancy.declare(
-        Queue(
-            "q",
-            executor=Chancy.Executor.Threaded,
-            concurrency=1,
-            executor_options={"prefetch": 1},
-        )
-    )
-    blocker = await chancy.push(Job(func="tests.jobs_perf.wait_gate", queue="q"))
-    async with worker_for(chancy) as worker:
-        await chancy.wait_for_job(blocker, states=["running"], timeout=15)
+    async with one_busy_slot(chancy) as (worker, blocker):
         victim = await chancy.push(Job(func="tests.jobs_perf.record", queue="q", kwargs={"n": 1}))
         await poll(lambda: worker.executors["q"].buffered == 1)
         assert await chancy.cancel_job(victim)
@@ -262,17 +261,7 @@ async def test_cancelled_prefetched_job_never_runs(chancy: Chancy, gate: Any) ->
 async def test_time_limit_of_a_prefetched_job_starts_when_it_starts(
     chancy: Chancy, gate: Any
 ) -> None:
-    await chancy.declare(
-        Queue(
-            "q",
-            executor=Chancy.Executor.Threaded,
-            concurrency=1,
-            executor_options={"prefetch": 1},
-        )
-    )
-    blocker = await chancy.push(Job(func="tests.jobs_perf.wait_gate", queue="q"))
-    async with worker_for(chancy) as worker:
-        await chancy.wait_for_job(blocker, states=["running"], timeout=15)
+    async with one_busy_slot(chancy) as (worker, _):
         limited = await chancy.push(
             Job(
                 func="tests.jobs_perf.record",
