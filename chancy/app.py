@@ -635,19 +635,10 @@ class Chancy:
             done: dict[Reference, QueuedJob] = {}
             while pending:
                 wake.clear()
-                jobs = await self.get_jobs(pending)
-                for job in jobs:
-                    if job.state in wanted:
-                        done[job.id] = job
-                pending = {j.id for j in jobs if j.id not in done}
+                pending = _take_finished(await self.get_jobs(pending), wanted, done)
                 if not pending:
                     break
-                pause = delay
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"{len(pending)} job(s) did not finish in {timeout} s")
-                    pause = min(pause, left)
+                pause = _next_pause(delay, deadline, timeout, len(pending))
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(pause):
                         await wake.wait()
@@ -686,19 +677,10 @@ class Chancy:
             delay = min(0.01, interval)
             done: dict[Reference, QueuedJob] = {}
             while pending:
-                jobs = self.sync_get_jobs(pending)
-                for job in jobs:
-                    if job.state in wanted:
-                        done[job.id] = job
-                pending = {j.id for j in jobs if j.id not in done}
+                pending = _take_finished(self.sync_get_jobs(pending), wanted, done)
                 if not pending:
                     break
-                pause = delay
-                if deadline is not None:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError(f"{len(pending)} job(s) did not finish in {timeout} s")
-                    pause = min(pause, left)
+                pause = _next_pause(delay, deadline, timeout, len(pending))
                 if conn is None:
                     time.sleep(pause)
                 else:
@@ -873,6 +855,26 @@ def _socket_has_data(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any
     except (OSError, ValueError, psycopg.Error):
         return True
     return bool(readable)
+
+
+def _take_finished(
+    jobs: list[QueuedJob], wanted: set[QueuedJob.State], done: dict[Reference, QueuedJob]
+) -> set[Reference]:
+    """Move the jobs that reached a wanted state into ``done``; the ids still pending."""
+    for job in jobs:
+        if job.state in wanted:
+            done[job.id] = job
+    return {job.id for job in jobs if job.id not in done}
+
+
+def _next_pause(delay: float, deadline: float | None, timeout: float | None, left: int) -> float:
+    """How long a wait loop sleeps before it looks again; TimeoutError past its deadline."""
+    if deadline is None:
+        return delay
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise TimeoutError(f"{left} job(s) did not finish in {timeout} s")
+    return min(delay, remaining)
 
 
 @functools.cache
