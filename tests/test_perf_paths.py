@@ -187,18 +187,26 @@ def gate() -> Any:
     jobs_perf.GATE.set()
 
 
-async def test_prefetched_jobs_are_handed_back_on_shutdown(chancy: Chancy, gate: Any) -> None:
-    await chancy.declare(
+@contextlib.asynccontextmanager
+async def one_busy_slot(app: Chancy, prefetch: int = 1) -> AsyncIterator[tuple[Worker, Reference]]:
+    """A worker serving queue "q" with one thread and room for ``prefetch`` claimed jobs,
+    its slot taken by a job that waits for the gate; yields the worker and that job."""
+    await app.declare(
         Queue(
             "q",
             executor=Chancy.Executor.Threaded,
             concurrency=1,
-            executor_options={"prefetch": 2},
+            executor_options={"prefetch": prefetch},
         )
     )
-    blocker = await chancy.push(Job(func="tests.jobs_perf.wait_gate", queue="q"))
-    async with worker_for(chancy) as worker:
-        await chancy.wait_for_job(blocker, states=["running"], timeout=15)
+    blocker = await app.push(Job(func="tests.jobs_perf.wait_gate", queue="q"))
+    async with worker_for(app) as worker:
+        await app.wait_for_job(blocker, states=["running"], timeout=15)
+        yield worker, blocker
+
+
+async def test_prefetched_jobs_are_handed_back_on_shutdown(chancy: Chancy, gate: Any) -> None:
+    async with one_busy_slot(chancy, prefetch=2) as (worker, _):
         waiting = [
             await chancy.push(Job(func="tests.jobs_perf.record", queue="q", kwargs={"n": i}))
             for i in range(2)
@@ -213,24 +221,6 @@ async def test_prefetched_jobs_are_handed_back_on_shutdown(chancy: Chancy, gate:
     assert [(j.state, j.attempts) for j in back] == [("pending", 0), ("pending", 0)]
     assert jobs_perf.RAN == []
     gate.set()
-
-
-@contextlib.asynccontextmanager
-async def one_busy_slot(app: Chancy) -> AsyncIterator[tuple[Worker, Reference]]:
-    """A worker serving queue "q" with one thread and room for one prefetched job, its
-    slot taken by a job that waits for the gate; yields the worker and that job."""
-    await app.declare(
-        Queue(
-            "q",
-            executor=Chancy.Executor.Threaded,
-            concurrency=1,
-            executor_options={"prefetch": 1},
-        )
-    )
-    blocker = await app.push(Job(func="tests.jobs_perf.wait_gate", queue="q"))
-    async with worker_for(app) as worker:
-        await app.wait_for_job(blocker, states=["running"], timeout=15)
-        yield worker, blocker
 
 
 async def test_prefetched_job_runs_when_a_slot_frees(chancy: Chancy, gate: Any) -> None:
